@@ -1,0 +1,7 @@
+"""Trident client: `Client(url, protocol)` over tritonclient, and the `trident` command line."""
+from .client import Client
+from .errors import InvalidInputError, ServerError, ServerUnavailableError, TridentError
+from .results import Detection, DetectResult
+
+__all__ = ["Client", "Detection", "DetectResult", "TridentError", "InvalidInputError", "ServerError",
+           "ServerUnavailableError"]

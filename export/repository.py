@@ -1,0 +1,44 @@
+"""Staging of committed model folders into a (possibly temporary) Triton model repository."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+# The committed repository: config.pbtxt and 1/model.py of every model live here.
+DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
+
+
+def stage_model(repo: Path, name: str) -> Path:
+    """Return `repo/name`, first copying the committed folder of `name` there when `repo` is elsewhere."""
+    repo = Path(repo).resolve()
+    target = repo / name
+    source = DEFAULT_REPO / name
+    if repo != DEFAULT_REPO and source.is_dir():
+        shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    (target / "1").mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def pbtxt_string(value: str) -> str:
+    """`value` as a quoted protobuf text-format string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def set_parameter(config: Path, key: str, value: str) -> None:
+    """Set `parameters { key: "<key>" value { string_value: ... } }` in a config.pbtxt, replacing it if present."""
+    text = config.read_text()
+    block = f'parameters {{ key: "{key}" value {{ string_value: {pbtxt_string(value)} }} }}'
+    pattern = re.compile(r'parameters\s*\{\s*key:\s*"' + re.escape(key)
+                         + r'"\s*value:?\s*\{\s*string_value:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\}')
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n" + block + "\n"
+    config.write_text(text)
+
+
+def write_manifest(repo: Path, model: str, info: dict) -> None:
+    """Record what was exported (weights, synthetic or not) in `repo/export.json`, for tests and the demo."""
+    manifest = Path(repo) / "export.json"
+    data = json.loads(manifest.read_text()) if manifest.exists() else {}
+    data[model] = info
+    manifest.write_text(json.dumps(data, indent=2) + "\n")

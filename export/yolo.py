@@ -1,0 +1,141 @@
+"""YOLOv8 detection: `yolov8` (ONNX, served natively or by onnxruntime in Python) and `detect` (end to end)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .download import CACHE_DIR, fetch
+from .repository import DEFAULT_REPO, pbtxt_string, set_parameter, stage_model, write_manifest
+
+SIZES = ("n", "s", "m", "l", "x")
+# Official checkpoints, as ultralytics' own downloader names them.
+RELEASE_URL = "https://github.com/ultralytics/assets/releases/download/v8.3.0/yolov8{size}.pt"
+IMGSZ = 640
+# Serving flavours of `yolov8`: the same ONNX file behind different Triton backends.
+FLAVOURS = ("onnxruntime", "tensorrt", "python")
+CLASS_BIAS_SHIFT = 6.0  # synthetic weights: ~100 boxes on bus.jpg at conf 0.25
+ANCHORS = sum((IMGSZ // stride) ** 2 for stride in (8, 16, 32))  # 8400 predictions per image at 640
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=SIZES, default="n", help="YOLOv8 size (default n)")
+    parser.add_argument("--weights", default="official",
+                        help="'official' (download yolov8<size>.pt), 'synthetic' (random weights), or a .pt path")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    parser.add_argument("--flavour", choices=FLAVOURS, default="onnxruntime",
+                        help="backend serving `yolov8`: onnxruntime (CPU/GPU), tensorrt (GPU) or python (local server)")
+    parser.add_argument("--kind", choices=("auto", "gpu", "cpu"), default="auto",
+                        help="instance kind (auto: GPU for tensorrt, CPU for the local python flavour)")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="model repository to write into")
+
+
+def run(args: argparse.Namespace) -> None:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    weights = resolve_weights(args.weights, args.size, args.seed)
+    onnx_path, metadata = export_onnx(weights)
+    kind = args.kind if args.kind != "auto" else ("cpu" if args.flavour == "python" else "gpu")
+    yolov8 = stage_model(args.repo, "yolov8")
+    shutil.copy(onnx_path, yolov8 / "1" / "model.onnx")
+    (yolov8 / "config.pbtxt").write_text(yolov8_config(args.flavour, kind, args.max_batch_size, metadata))
+    if args.flavour != "python":  # the committed model.py only serves the python flavour
+        (yolov8 / "1" / "model.py").unlink(missing_ok=True)
+    detect = stage_model(args.repo, "detect")
+    set_parameter(detect / "config.pbtxt", "metadata", json.dumps(metadata))
+    write_manifest(args.repo, "yolov8", {"weights": str(weights), "synthetic": args.weights == "synthetic",
+                                         "size": args.size, "flavour": args.flavour})
+    print(f"yolov8 ({args.flavour}, {kind}) and detect written to {Path(args.repo).resolve()} from {weights}")
+
+
+def resolve_weights(weights: str, size: str, seed: int) -> Path:
+    """Path of a .pt checkpoint: downloaded, given, or built with random weights."""
+    if weights == "official":
+        return fetch(RELEASE_URL.format(size=size))
+    if weights == "synthetic":
+        return synthetic_checkpoint(size, seed)
+    path = Path(weights)
+    if not path.is_file():
+        raise SystemExit(f"--weights {weights}: no such file (use 'official', 'synthetic' or a .pt path)")
+    return path
+
+
+def synthetic_checkpoint(size: str, seed: int) -> Path:
+    """The yolov8<size> architecture with seeded random weights and COCO class names, saved as a .pt.
+
+    Freshly initialised YOLOv8 is dead: activations shrink layer after layer and every box scores the same.
+    Two changes to the *weights* (never to the code path) make it useful for parity tests: batch-norm
+    statistics calibrated on ultralytics' bundled sample images, and class biases raised so that the default
+    thresholds keep dozens of boxes per image.
+    """
+    import torch
+    import yaml
+    from ultralytics import YOLO
+    from ultralytics.utils import ASSETS, ROOT
+
+    from trident_serving import images, yolo
+
+    path = CACHE_DIR / f"yolov8{size}-synthetic-seed{seed}.pt"
+    if path.exists():
+        return path
+    torch.manual_seed(seed)
+    model = YOLO(f"yolov8{size}.yaml", task="detect")
+    network = model.model
+    samples = [images.decode_image(p.read_bytes()) for p in sorted(ASSETS.glob("*.jpg"))]
+    batch = yolo.to_model_input([yolo.letterbox(image) for image in samples], torch.device("cpu"))
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: one pass sets the statistics
+    network.train()
+    with torch.no_grad():
+        network(batch)
+        for branch in network.model[-1].cv3:  # the class-score convolutions of the Detect head
+            branch[-1].bias += CLASS_BIAS_SHIFT
+    network.eval()
+    network.names = yaml.safe_load((ROOT / "cfg" / "datasets" / "coco8.yaml").read_text())["names"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def export_onnx(weights: Path) -> tuple[Path, dict]:
+    """ONNX with dynamic batch through ultralytics' exporter; returns its path and the model metadata."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights), task="detect")
+    onnx_path = Path(model.export(format="onnx", dynamic=True, simplify=False, imgsz=IMGSZ, verbose=False))
+    names = {int(k): v for k, v in model.names.items()}
+    # `dynamic: False` keeps ultralytics' HTTP client letterboxing to the square input the config declares.
+    metadata = {"task": "detect", "stride": int(max(model.model.stride)), "imgsz": [IMGSZ, IMGSZ],
+                "batch": 1, "dynamic": False, "names": names}
+    return onnx_path, metadata
+
+
+def yolov8_config(flavour: str, kind: str, max_batch_size: int, metadata: dict) -> str:
+    """config.pbtxt of `yolov8` for one serving flavour; the I/O signature is identical in all of them."""
+    backend = {"onnxruntime": 'backend: "onnxruntime"', "tensorrt": 'platform: "tensorrt_plan"',
+               "python": 'backend: "python"'}[flavour]
+    model_file = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}[flavour]
+    accelerator = ""
+    if flavour == "onnxruntime" and kind == "gpu":
+        accelerator = """
+optimization { execution_accelerators { gpu_execution_accelerator [ {
+  name: "tensorrt"
+  parameters { key: "precision_mode" value: "FP16" }
+  parameters { key: "max_workspace_size_bytes" value: "4294967296" }
+  parameters { key: "trt_engine_cache_enable" value: "true" }
+} ] } }"""
+    # ultralytics' client parses this as a Python literal (ast.literal_eval), hence repr().
+    return f"""name: "yolov8"
+{backend}
+default_model_filename: "{model_file}"
+max_batch_size: {max_batch_size}
+input [ {{ name: "images" data_type: TYPE_FP32 dims: [ 3, {IMGSZ}, {IMGSZ} ] }} ]
+output [ {{ name: "output0" data_type: TYPE_FP32 dims: [ {4 + len(metadata['names'])}, {ANCHORS} ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [ {{ count: 1 kind: KIND_{kind.upper()} }} ]{accelerator}
+parameters {{ key: "metadata" value: {{ string_value: {pbtxt_string(repr(metadata))} }} }}
+"""

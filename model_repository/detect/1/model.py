@@ -1,0 +1,68 @@
+"""`detect`: encoded image -> letterbox -> `yolov8` (BLS, one call per batch) -> NMS -> boxes in original pixels."""
+import json
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from trident_serving import triton, yolo
+from trident_serving.images import decode_image
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        triton.quiet_ultralytics()
+        config = json.loads(args["model_config"])
+        metadata = json.loads(triton.parameters(args)["metadata"])
+        self.names = {int(k): v for k, v in metadata["names"].items()}
+        self.imgsz = metadata["imgsz"][0]
+        self.stride = metadata["stride"]
+        self.max_batch = config["max_batch_size"]
+        self.device = torch.device(triton.device(args))
+
+    def parse(self, request):
+        image = decode_image(triton.bytes_input(request, "IMAGE"))
+        conf = yolo.check_threshold(triton.scalar_input(request, "CONF_THRESHOLD", yolo.DEFAULT_CONF), "CONF_THRESHOLD")
+        iou = yolo.check_threshold(triton.scalar_input(request, "IOU_THRESHOLD", yolo.DEFAULT_IOU), "IOU_THRESHOLD")
+        return image.shape[:2], yolo.letterbox(image, self.imgsz, self.stride), conf, iou
+
+    def execute(self, requests):
+        parsed, responses = triton.parse_requests(requests, self.parse)
+        valid = [i for i, p in enumerate(parsed) if p is not None]
+        if valid:
+            try:
+                shapes, boxes, confs, ious = zip(*(parsed[i] for i in valid))
+                prediction = self.infer(yolo.to_model_input(list(boxes), self.device))
+                detections = yolo.postprocess(prediction, (self.imgsz, self.imgsz), list(shapes), confs, ious)
+                for i, found in zip(valid, detections):
+                    responses[i] = self.response(found)
+            except Exception as exc:  # noqa: BLE001 - a failed network call fails the batch, not the server
+                for i in valid:
+                    responses[i] = triton.error_response(exc)
+        return responses
+
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
+        """Run `yolov8` on the letterboxed batch through BLS, zero-copy via DLPack."""
+        memory = {}
+        if self.device.type == "cuda":
+            memory["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index)
+        outputs = []
+        for chunk in images.split(self.max_batch):
+            request = pb_utils.InferenceRequest(
+                model_name="yolov8", inputs=[pb_utils.Tensor.from_dlpack("images", chunk.contiguous())],
+                requested_output_names=["output0"], **memory)
+            response = request.exec()
+            if response.has_error():
+                raise RuntimeError(f"yolov8 failed: {response.error().message()}")
+            output = pb_utils.get_output_tensor_by_name(response, "output0")
+            outputs.append(torch.from_dlpack(output.to_dlpack()).to(self.device))
+        return torch.cat(outputs)
+
+    def response(self, found: yolo.Detections):
+        labels = [self.names.get(int(c), str(int(c))) for c in found.classes]
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor("BOXES", found.boxes[None]),
+            pb_utils.Tensor("SCORES", found.scores[None]),
+            pb_utils.Tensor("CLASSES", found.classes.astype(np.int32)[None]),
+            triton.string_tensor("LABELS", labels, (1, len(labels))),
+        ])

@@ -1,0 +1,177 @@
+"""Run the genuine Triton 2.51 server bundled in the `nvidia-pytriton` wheel, without Docker.
+
+`python -m trident_serving.server start|stop|status`. The bundle carries the Python backend only; its stub
+must match this interpreter's version, and it finds our virtual environment through PATH.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ServerOptions:
+    repository: Path = ROOT / "model_repository"
+    run_dir: Path = ROOT / ".run"  # pid file, log and the prepared backend directory
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    ready_timeout: float = 300.0
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "tritonserver.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "tritonserver.pid"
+
+    @property
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+
+
+def bundle() -> Path:
+    """The `pytriton/tritonserver` folder of the installed wheel."""
+    import pytriton
+
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def prepare_backends(run_dir: Path) -> Path:
+    """A backend directory whose Python backend has the stub built for this interpreter."""
+    source = bundle()
+    backends = run_dir / "backends"
+    python = backends / "python"
+    if python.exists():
+        shutil.rmtree(python)
+    shutil.copytree(source / "backends" / "python", python, ignore=shutil.ignore_patterns("__pycache__"))
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise SystemExit(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    shutil.copy(stub, python / "triton_python_backend_stub")
+    return backends
+
+
+def server_env() -> dict[str, str]:
+    """Environment for tritonserver and the stubs it starts."""
+    env = dict(os.environ)
+    libs = [str(bundle().parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR") or ""]
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in libs + [env.get("LD_LIBRARY_PATH", "")] if p)
+    # The stub's embedded interpreter locates its prefix from the first `python3` on PATH: our venv.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.setdefault("PYTHONIOENCODING", "utf-8")  # ultralytics logs emoji
+    env.setdefault("YOLO_OFFLINE", "1")
+    return env
+
+
+def is_ready(options: ServerOptions) -> bool:
+    try:
+        with urllib.request.urlopen(options.ready_url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def running_pid(options: ServerOptions) -> int | None:
+    """PID from the pid file if that process is alive."""
+    try:
+        pid = int(options.pid_file.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def start(options: ServerOptions) -> int:
+    """Start the server in the background and wait until it is ready; returns its PID."""
+    if running_pid(options):
+        raise SystemExit(f"a server started from {options.run_dir} is already running (make stop first)")
+    options.run_dir.mkdir(parents=True, exist_ok=True)
+    backends = prepare_backends(options.run_dir)
+    command = [
+        str(bundle() / "bin" / "tritonserver"),
+        f"--model-repository={Path(options.repository).resolve()}",
+        f"--backend-directory={backends}",
+        f"--cache-directory={bundle() / 'caches'}",
+        f"--http-port={options.http_port}", f"--grpc-port={options.grpc_port}",
+        f"--metrics-port={options.metrics_port}",
+        # 64 MB request/response shared memory per stub: enough for a batch of 10 MP images.
+        "--backend-config=python,shm-default-byte-size=67108864",
+        "--backend-config=python,shm-growth-byte-size=67108864",
+        "--log-verbose=0",
+    ]
+    with open(options.log_file, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(),
+                                   start_new_session=True)
+    options.pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + options.ready_timeout
+    while time.monotonic() < deadline:
+        if is_ready(options):
+            return process.pid
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    stop(options)
+    tail = options.log_file.read_text(errors="replace").splitlines()[-30:]
+    raise SystemExit("tritonserver did not become ready; last log lines:\n" + "\n".join(tail))
+
+
+def stop(options: ServerOptions, timeout: float = 30.0) -> bool:
+    """Stop the server recorded in the pid file (SIGTERM, then SIGKILL); returns whether one was running."""
+    pid = running_pid(options)
+    options.pid_file.unlink(missing_ok=True)
+    if pid is None:
+        return False
+    os.killpg(pid, signal.SIGTERM)  # its own session: the stubs go with it
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return True
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trident_serving.server", description=__doc__)
+    parser.add_argument("action", choices=("start", "stop", "status"))
+    defaults = ServerOptions()
+    parser.add_argument("--repository", type=Path, default=defaults.repository)
+    parser.add_argument("--run-dir", type=Path, default=defaults.run_dir)
+    parser.add_argument("--http-port", type=int, default=defaults.http_port)
+    parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
+    parser.add_argument("--metrics-port", type=int, default=defaults.metrics_port)
+    parser.add_argument("--ready-timeout", type=float, default=defaults.ready_timeout)
+    args = vars(parser.parse_args(argv))
+    options = ServerOptions(**{k: v for k, v in args.items() if k != "action"})
+    if args["action"] == "start":
+        pid = start(options)
+        print(f"tritonserver ready (pid {pid}) on HTTP :{options.http_port}, gRPC :{options.grpc_port}, "
+              f"metrics :{options.metrics_port}; log: {options.log_file}")
+    elif args["action"] == "stop":
+        print("tritonserver stopped" if stop(options) else "no tritonserver running")
+    else:
+        pid = running_pid(options)
+        state = "ready" if is_ready(options) else "not ready"
+        print(f"tritonserver pid {pid}: {state}" if pid else "no tritonserver running")
+        return 0 if pid else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""YOLOv8 pre/post-processing with ultralytics' own functions, so that results match `YOLO.predict`.
+
+`detect` letterboxes every image to the fixed 640x640 square of `yolov8` (ultralytics' `predict(rect=False)`
+path): a fixed shape lets images of any aspect ratio share one batch, and keeps TensorRT engines static.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InvalidInput
+
+# ultralytics' own predict defaults (cfg/default.yaml): conf 0.25, iou 0.7, max_det 300.
+DEFAULT_CONF = 0.25
+DEFAULT_IOU = 0.7
+MAX_DET = 300
+
+
+@dataclass
+class Detections:
+    """Detections of one image, in original-image pixels."""
+
+    boxes: np.ndarray  # float32 [n, 4] x1, y1, x2, y2
+    scores: np.ndarray  # float32 [n]
+    classes: np.ndarray  # int32 [n]
+
+
+def check_threshold(value: float, name: str) -> float:
+    """A threshold must be a finite number in [0, 1]."""
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise InvalidInput(f"{name} must be a number between 0 and 1, got {value}")
+    return float(value)
+
+
+def letterbox(image: np.ndarray, size: int = 640, stride: int = 32) -> np.ndarray:
+    """Resize and pad a BGR image to size x size exactly as ultralytics' predictor does for a fixed-shape model."""
+    from ultralytics.data.augment import LetterBox
+
+    return LetterBox((size, size), auto=False, stride=stride)(image=image)
+
+
+def to_model_input(letterboxed: list[np.ndarray], device: torch.device, half: bool = False) -> torch.Tensor:
+    """Stack BGR uint8 HWC images into the normalised RGB NCHW tensor the network takes.
+
+    Mirrors ultralytics' `BasePredictor.preprocess`: the uint8 batch moves to the device first (4x fewer
+    bytes than float), then is reordered and scaled there.
+    """
+    batch = torch.from_numpy(np.stack(letterboxed)).to(device, non_blocking=True)
+    batch = batch.permute(0, 3, 1, 2).contiguous().flip(1)
+    return (batch.half() if half else batch.float()).div_(255)
+
+
+def postprocess(prediction: torch.Tensor, input_hw: tuple[int, int], original_hw: list[tuple[int, int]],
+                conf: list[float], iou: list[float], max_det: int = MAX_DET) -> list[Detections]:
+    """NMS and box scaling per image (each request may carry its own thresholds)."""
+    from ultralytics.utils import nms, ops
+
+    results = []
+    for i, hw in enumerate(original_hw):
+        kept = nms.non_max_suppression(prediction[i:i + 1], conf[i], iou[i], max_det=max_det)[0]
+        boxes = ops.scale_boxes(input_hw, kept[:, :4].clone(), hw)
+        results.append(Detections(boxes=boxes.float().cpu().numpy(), scores=kept[:, 4].float().cpu().numpy(),
+                                  classes=kept[:, 5].int().cpu().numpy()))
+    return results
