@@ -1,8 +1,11 @@
 """Decoding of encoded images (JPEG/PNG/BMP/WebP/...) sent as bytes."""
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
+from PIL import Image
 
 from .errors import InvalidInput
 
@@ -11,16 +14,15 @@ MAX_PIXELS = 100_000_000
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) read from the header without decoding, or None if the format is not recognised."""
-    from PIL import Image  # noqa: PLC0415 - Pillow reads headers lazily, cv2 cannot
-
-    import io
-
+    """(width, height) read from the header without decoding, or None if Pillow does not know the format."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit applies, not Pillow's
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
     except Exception:  # noqa: BLE001 - any failure means "not an image Pillow knows"
         return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def decode_image(data: bytes, name: str = "IMAGE", max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -28,6 +28,8 @@ class ServerOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     ready_timeout: float = 300.0
+    # Triton waits this long on stop for idle keep-alive client connections and in-flight requests.
+    exit_timeout: int = 5
 
     @property
     def log_file(self) -> Path:
@@ -89,10 +91,9 @@ def running_pid(options: ServerOptions) -> int | None:
     """PID from the pid file if that process is alive."""
     try:
         pid = int(options.pid_file.read_text())
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    return pid if _alive(pid) else None
 
 
 def start(options: ServerOptions) -> int:
@@ -111,6 +112,7 @@ def start(options: ServerOptions) -> int:
         # 64 MB request/response shared memory per stub: enough for a batch of 10 MP images.
         "--backend-config=python,shm-default-byte-size=67108864",
         "--backend-config=python,shm-growth-byte-size=67108864",
+        f"--exit-timeout-secs={options.exit_timeout}",
         "--log-verbose=0",
     ]
     with open(options.log_file, "wb") as log:
@@ -138,13 +140,25 @@ def stop(options: ServerOptions, timeout: float = 30.0) -> bool:
     os.killpg(pid, signal.SIGTERM)  # its own session: the stubs go with it
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
+        if not _alive(pid):
             return True
         time.sleep(0.2)
     os.killpg(pid, signal.SIGKILL)
     return True
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs; reaps it when it is our own child (a zombie would look alive)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # started by another process (make serve): only signal 0 can tell
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
     parser.add_argument("--metrics-port", type=int, default=defaults.metrics_port)
     parser.add_argument("--ready-timeout", type=float, default=defaults.ready_timeout)
+    parser.add_argument("--exit-timeout", type=int, default=defaults.exit_timeout)
     args = vars(parser.parse_args(argv))
     options = ServerOptions(**{k: v for k, v in args.items() if k != "action"})
     if args["action"] == "start":

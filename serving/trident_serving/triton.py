@@ -44,7 +44,8 @@ def bytes_input(request, name: str, optional: bool = False) -> bytes | None:
         raise InvalidInput(f"input {name} is missing")
     values = tensor.as_numpy().reshape(-1)
     if values.size != 1:
-        raise InvalidInput(f"input {name} must hold exactly one element, got {values.size}")
+        raise InvalidInput(f"input {name} must hold exactly one element per request, got {values.size}: "
+                           "send one item per request (the server batches concurrent requests itself)")
     value = values[0]
     return value if isinstance(value, bytes) else str(value).encode()
 

@@ -1,0 +1,228 @@
+"""`detect` and `yolov8` over the real server: parity with ultralytics, batching, bad input."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytest
+from ultralytics.utils import ASSETS
+
+from trident import InvalidInputError
+
+pytestmark = pytest.mark.yolo
+CONF = 0.05  # synthetic weights: dozens of boxes per image at this threshold (asserted below)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict:
+    """ultralytics' bundled samples plus generated edge cases, as files."""
+    folder = tmp_path_factory.mktemp("images")
+    bus = cv2.imread(str(ASSETS / "bus.jpg"))
+    zidane = cv2.imread(str(ASSETS / "zidane.jpg"))
+    cases = {
+        "bus.jpg": (ASSETS / "bus.jpg").read_bytes(),
+        "zidane.jpg": (ASSETS / "zidane.jpg").read_bytes(),
+        "odd_333x517.png": cv2.imencode(".png", cv2.resize(bus, (333, 517)))[1].tobytes(),
+        "wide_1999x301.jpg": cv2.imencode(".jpg", cv2.resize(zidane, (1999, 301)))[1].tobytes(),
+        "gray.png": cv2.imencode(".png", cv2.cvtColor(bus, cv2.COLOR_BGR2GRAY))[1].tobytes(),
+        "alpha.png": cv2.imencode(".png", np.dstack([zidane, np.linspace(0, 255, zidane.shape[1], dtype=np.uint8)[None]
+                                                     .repeat(zidane.shape[0], 0)]))[1].tobytes(),
+        "bus.webp": cv2.imencode(".webp", bus)[1].tobytes(),
+        "bus.bmp": cv2.imencode(".bmp", bus)[1].tobytes(),
+    }
+    paths = {}
+    for name, data in cases.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def reference(triton):
+    """ultralytics' own predictor on the same synthetic .pt the repository was exported from."""
+    from ultralytics import YOLO
+
+    manifest = json.loads((triton.repository / "export.json").read_text())
+    return YOLO(manifest["yolov8"]["weights"], task="detect")
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of corresponding xyxy boxes."""
+    inter = np.clip(np.minimum(a[:, 2:], b[:, 2:]) - np.maximum(a[:, :2], b[:, :2]), 0, None).prod(-1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def arrays(result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(boxes, classes, scores) of our DetectResult or of an ultralytics Results."""
+    if hasattr(result, "class_ids"):
+        return result.boxes, result.class_ids, result.scores
+    return result.boxes.xyxy.numpy(), result.boxes.cls.numpy().astype(int), result.boxes.conf.numpy()
+
+
+def assert_same_detections(served, expected) -> None:
+    """Same count; served and reference boxes pair up one to one with the same class, score within 1e-3 and
+    IoU >= 0.99 (boxes clipped to a line at the image border have no area: there, corners within 0.5 px)."""
+    from scipy.optimize import linear_sum_assignment
+
+    boxes, classes, scores = arrays(expected)
+    served_boxes, served_classes, served_scores = arrays(served)
+    assert len(served_boxes) == len(boxes)
+    # Pairing by distance, not by rank: near-equal scores may be ordered differently.
+    cost = np.abs(served_boxes[:, None] - boxes[None]).max(-1) + 100 * np.abs(served_scores[:, None] - scores[None])
+    cost += 1e6 * (served_classes[:, None] != classes[None])
+    rows, cols = linear_sum_assignment(cost)
+    np.testing.assert_array_equal(served_classes[rows], classes[cols])
+    np.testing.assert_allclose(served_scores[rows], scores[cols], atol=1e-3)
+    a, b = served_boxes[rows], boxes[cols]
+    has_area = ((b[:, 2:] - b[:, :2]) > 1).all(1)
+    assert (box_iou(a[has_area], b[has_area]) >= 0.99).all()
+    np.testing.assert_allclose(a[~has_area], b[~has_area], atol=0.5)
+
+
+@pytest.mark.parametrize("name", ["bus.jpg", "zidane.jpg", "odd_333x517.png", "wide_1999x301.jpg", "gray.png",
+                                  "alpha.png", "bus.webp", "bus.bmp"])
+def test_detect_matches_ultralytics_predict(client, images, reference, name):
+    served = client.detect(images[name], conf=CONF)
+    expected = reference.predict(str(images[name]), conf=CONF, rect=False, verbose=False)[0]
+    assert len(served) >= 24, "too few boxes for a meaningful comparison"
+    assert_same_detections(served, expected)
+    assert served.detections[0].label == reference.names[served.detections[0].class_id]
+
+
+def test_default_thresholds_are_ultralytics_defaults(client, images, reference):
+    served = client.detect(images["bus.jpg"])  # conf 0.25, iou 0.7
+    expected = reference.predict(str(images["bus.jpg"]), rect=False, verbose=False)[0]
+    assert len(served) > 0
+    assert_same_detections(served, expected)
+
+
+def test_array_and_pil_inputs_match_path(client, images):
+    from PIL import Image
+
+    by_path = client.detect(images["bus.jpg"], conf=CONF)
+    bgr = cv2.imread(str(images["bus.jpg"]))
+    by_array = client.detect(bgr, conf=CONF)
+    by_pil = client.detect(Image.fromarray(bgr[..., ::-1]), conf=CONF)
+    np.testing.assert_allclose(by_array.boxes, by_path.boxes, atol=1e-3)
+    np.testing.assert_allclose(by_pil.boxes, by_path.boxes, atol=1e-3)
+
+
+def test_yolov8_matches_onnxruntime(client, triton, images, reference):
+    import onnxruntime
+
+    from trident_serving import yolo
+    from trident_serving.images import decode_image
+
+    batch = yolo.to_model_input([yolo.letterbox(decode_image(images[n].read_bytes())) for n in ("bus.jpg", "gray.png")],
+                                "cpu").numpy()
+    served = client.infer("yolov8", {"images": batch}, ["output0"])["output0"]
+    session = onnxruntime.InferenceSession(str(triton.repository / "yolov8" / "1" / "model.onnx"))
+    expected = session.run(["output0"], {"images": batch})[0]
+    assert served.shape == (2, 84, 8400)
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_ultralytics_triton_client(triton, images, scheme):
+    """`YOLO("<scheme>://host:port/yolov8")` — ultralytics' own Triton client — works against our server."""
+    from ultralytics import YOLO
+
+    url = triton.http_url if scheme == "http" else triton.grpc_url
+    remote = YOLO(f"{scheme}://{url}/yolov8", task="detect")
+    local = YOLO(str(triton.repository / "yolov8" / "1" / "model.onnx"), task="detect")
+    served = remote.predict(str(images["bus.jpg"]), conf=CONF, verbose=False)[0]
+    expected = local.predict(str(images["bus.jpg"]), conf=CONF, rect=False, verbose=False)[0]
+    assert len(served.boxes) >= 24
+    assert served.names == expected.names
+    assert_same_detections(served, expected)
+
+
+def test_concurrent_requests_are_batched(triton, images):
+    before = triton.metrics()
+    paths = [images[n] for n in ("bus.jpg", "zidane.jpg", "odd_333x517.png", "gray.png")] * 16
+    client = triton.client("grpc")
+    results = client.detect_many(paths, conf=CONF, concurrency=64)
+    assert len(results) == 64 and all(len(r) >= 24 for r in results)
+    for same in range(4):  # the same image always gives the same answer, whatever its batch
+        np.testing.assert_allclose(results[same].boxes, results[same + 4].boxes, atol=1e-3)
+    after = triton.metrics()
+    for model in ("detect", "yolov8"):
+        inferences = after[("nv_inference_count", model)] - before.get(("nv_inference_count", model), 0)
+        executions = after[("nv_inference_exec_count", model)] - before.get(("nv_inference_exec_count", model), 0)
+        assert inferences == 64
+        assert executions < inferences, f"{model}: {executions} executions for {inferences} inferences"
+
+
+def _truncated_jpeg(images) -> bytes:
+    data = images["bus.jpg"].read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("payload, message", [
+    (lambda images: b"", "empty"),
+    (_truncated_jpeg, "truncated JPEG"),
+    (lambda images: b"name,value\nfoo,1\n", "could not be decoded"),
+    (lambda images: images["bus.jpg"].read_bytes()[:2] + b"\x00" * 300, "could not be decoded"),
+])
+def test_bad_images_get_clear_errors(client, triton, images, payload, message):
+    with pytest.raises(InvalidInputError, match=message):
+        client.detect(payload(images))
+    assert triton.is_ready()
+
+
+def test_bad_input_does_not_fail_the_rest_of_the_batch(triton, images):
+    client = triton.client("grpc")
+    good, bad = images["bus.jpg"], b"not an image"
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client.detect, bad if i % 4 == 0 else good, CONF) for i in range(32)]
+    for i, future in enumerate(futures):
+        if i % 4 == 0:
+            assert isinstance(future.exception(), InvalidInputError)
+        else:
+            assert len(future.result()) >= 24
+
+
+@pytest.mark.parametrize("conf, iou, message", [(2.0, None, "CONF_THRESHOLD"), (float("nan"), None, "CONF_THRESHOLD"),
+                                                (None, -0.1, "IOU_THRESHOLD")])
+def test_bad_thresholds(client, images, conf, iou, message):
+    with pytest.raises(InvalidInputError, match=message):
+        client.detect(images["bus.jpg"], conf=conf, iou=iou)
+
+
+def test_tiny_image_is_valid(client, reference, tmp_path):
+    path = tmp_path / "one.png"
+    path.write_bytes(cv2.imencode(".png", np.full((1, 1, 3), 128, np.uint8))[1].tobytes())
+    served = client.detect(path, conf=CONF)
+    expected = reference.predict(str(path), conf=CONF, rect=False, verbose=False)[0]
+    assert len(served) == len(expected.boxes)
+    if len(served):
+        assert_same_detections(served, expected)
+
+
+def test_huge_image(client, triton):
+    big = cv2.imencode(".jpg", np.full((10000, 10000, 3), 90, np.uint8))[1].tobytes()
+    result = client.detect(big)  # 100 MP: at the limit, served
+    assert result.boxes.shape[1] == 4 and (result.boxes <= 10000).all()
+    too_big = cv2.imencode(".png", np.zeros((10001, 10000), np.uint8))[1].tobytes()
+    with pytest.raises(InvalidInputError, match="above the limit"):
+        client.detect(too_big)
+    assert triton.is_ready()
+
+
+def test_many_images_in_one_request_are_refused_clearly(client):
+    data = (ASSETS / "bus.jpg").read_bytes()
+    with pytest.raises(InvalidInputError, match="exactly one element per request"):
+        client.infer("detect", {"IMAGE": np.array([[data], [data]], dtype=object)}, ["BOXES"])
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((1, 3, 640, 640), np.int32), "data-type|datatype|INT32"),
+    (np.zeros((1, 3, 320, 320), np.float32), "shape"),
+])
+def test_yolov8_rejects_wrong_dtype_and_shape(client, triton, array, message):
+    with pytest.raises(InvalidInputError, match=message):
+        client.infer("yolov8", {"images": array}, ["output0"])
+    assert triton.is_ready()
