@@ -38,6 +38,7 @@ export: venv
 	$(PY) -m export easyocr --weights $(WEIGHTS) --repo $(REPO)
 
 serve: venv
+	@test -f $(REPO)/export.json || { echo "$(REPO) has no exported models: run 'make export' (or 'make demo') first"; exit 1; }
 	$(PY) -m trident_serving.server start $(SERVER_ARGS)
 
 stop:

@@ -7,12 +7,12 @@ import os
 import shutil
 from pathlib import Path
 
-from .download import CACHE_DIR, fetch
+from .download import CACHE_DIR, DownloadError, fetch, file_digest
 from .repository import DEFAULT_REPO, pbtxt_string, set_parameter, stage_model, write_manifest
 
 SIZES = ("n", "s", "m", "l", "x")
 # Official checkpoints, as ultralytics' own downloader names them.
-RELEASE_URL = "https://github.com/ultralytics/assets/releases/download/v8.3.0/yolov8{size}.pt"
+RELEASE_URL = "https://github.com/ultralytics/assets/releases/download/v8.4.0/yolov8{size}.pt"
 IMGSZ = 640
 # Serving flavours of `yolov8`: the same ONNX file behind different Triton backends.
 FLAVOURS = ("onnxruntime", "tensorrt", "python")
@@ -53,12 +53,28 @@ def run(args: argparse.Namespace) -> None:
 def resolve_weights(weights: str, size: str, seed: int) -> Path:
     """Path of a .pt checkpoint: downloaded, given, or built with random weights."""
     if weights == "official":
-        return fetch(RELEASE_URL.format(size=size))
+        # ultralytics publishes no checksums for these assets: check that the file is the checkpoint we asked for.
+        return check_checkpoint(fetch(RELEASE_URL.format(size=size)), size)
     if weights == "synthetic":
         return synthetic_checkpoint(size, seed)
     path = Path(weights)
     if not path.is_file():
         raise SystemExit(f"--weights {weights}: no such file (use 'official', 'synthetic' or a .pt path)")
+    return path
+
+
+def check_checkpoint(path: Path, size: str) -> Path:
+    """Raise DownloadError unless `path` loads as a yolov8<size> detection checkpoint; print its SHA-256."""
+    from ultralytics.nn.tasks import load_checkpoint
+
+    try:
+        model, _ = load_checkpoint(str(path))
+        name = Path(model.yaml.get("yaml_file", "")).stem
+    except Exception as exc:  # noqa: BLE001 - any load failure means a corrupt download
+        raise DownloadError(f"{path} is not a loadable YOLOv8 checkpoint ({exc}); delete it and retry") from exc
+    if name.replace("yolov8", "") not in ("", size) or not name.startswith("yolov8"):
+        raise DownloadError(f"{path} holds {name or 'an unknown model'}, expected yolov8{size}")
+    print(f"{path.name}: sha256 {file_digest(path, 'sha256')}")
     return path
 
 
