@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def run(args: argparse.Namespace) -> None:
     if args.flavour != "python":  # the committed model.py only serves the python flavour
         (yolov8 / "1" / "model.py").unlink(missing_ok=True)
     detect = stage_model(args.repo, "detect")
-    set_parameter(detect / "config.pbtxt", "metadata", json.dumps(metadata))
+    config = detect / "config.pbtxt"
+    config.write_text(re.sub(r"kind: KIND_\w+", f"kind: KIND_{kind.upper()}", config.read_text()))
+    set_parameter(config, "metadata", json.dumps(metadata))
     write_manifest(args.repo, "yolov8", {"weights": str(weights), "synthetic": args.weights == "synthetic",
                                          "size": args.size, "flavour": args.flavour})
     print(f"yolov8 ({args.flavour}, {kind}) and detect written to {Path(args.repo).resolve()} from {weights}")
