@@ -106,9 +106,13 @@ class Client:
 
     # -- speech ------------------------------------------------------------------------------------------------
 
-    def transcribe(self, audio: str | bytes | np.ndarray, language: str | None = None,
-                   task: str = "transcribe") -> Transcription:
-        """Transcribe (or translate to English) an audio file path, encoded bytes, or 16 kHz mono float samples."""
+    def transcribe(self, audio: str | bytes | np.ndarray, language: str | None = None, task: str = "transcribe",
+                   temperature: float | Sequence[float] | None = None) -> Transcription:
+        """Transcribe (or translate to English) an audio file path, encoded bytes, or 16 kHz mono float samples.
+
+        `temperature`: the decoding temperatures tried in turn while a window fails whisper's quality checks
+        (server default 0.0, 0.2, ..., 1.0, as whisper.transcribe); `0.0` alone decodes greedily, deterministically.
+        """
         if isinstance(audio, np.ndarray):
             inputs = {"PCM": np.asarray(audio, dtype=np.float32).reshape(1, -1)}
         else:
@@ -116,6 +120,8 @@ class Client:
         if language:
             inputs["LANGUAGE"] = np.array([[language.encode()]], dtype=np.object_)
         inputs["TASK"] = np.array([[task.encode()]], dtype=np.object_)
+        if temperature is not None:
+            inputs["TEMPERATURE"] = np.array(temperature, dtype=np.float32).reshape(1, -1)
         out = self.infer("whisper", inputs, ["TEXT", "LANGUAGE", "SEGMENTS"])
         segments = json.loads(out["SEGMENTS"].reshape(-1)[0])
         fields = Segment.__dataclass_fields__
@@ -124,9 +130,10 @@ class Client:
                              segments=[Segment(**{k: v for k, v in s.items() if k in fields}) for s in segments])
 
     def transcribe_many(self, audios: Iterable[str | bytes | np.ndarray], language: str | None = None,
-                        task: str = "transcribe", concurrency: int = 16) -> list[Transcription]:
+                        task: str = "transcribe", temperature: float | Sequence[float] | None = None,
+                        concurrency: int = 16) -> list[Transcription]:
         """Transcribe many audio inputs concurrently."""
-        return self._map(lambda audio: self.transcribe(audio, language, task), audios, concurrency)
+        return self._map(lambda audio: self.transcribe(audio, language, task, temperature), audios, concurrency)
 
     # -- OCR ---------------------------------------------------------------------------------------------------
 
