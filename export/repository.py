@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 # The committed repository: config.pbtxt and 1/model.py of every model live here.
 DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
@@ -42,3 +43,15 @@ def write_manifest(repo: Path, model: str, info: dict) -> None:
     data = json.loads(manifest.read_text()) if manifest.exists() else {}
     data[model] = info
     manifest.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def resolve_weights(weights: str, official: Callable[[], Path], synthetic: Callable[[], Path]) -> Path:
+    """The weights a `--weights` argument names: 'official' (downloaded), 'synthetic' (random) or a local path."""
+    if weights == "official":
+        return official()
+    if weights == "synthetic":
+        return synthetic()
+    path = Path(weights)
+    if not path.exists():
+        raise SystemExit(f"--weights {weights}: no such file or directory (use 'official', 'synthetic' or a path)")
+    return path

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from .download import CACHE_DIR, DownloadError, fetch, file_digest
-from .repository import DEFAULT_REPO, pbtxt_string, set_parameter, stage_model, write_manifest
+from .repository import DEFAULT_REPO, pbtxt_string, resolve_weights, set_parameter, stage_model, write_manifest
 
 SIZES = ("n", "s", "m", "l", "x")
 # Official checkpoints, as ultralytics' own downloader names them.
@@ -36,14 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    weights = resolve_weights(args.weights, args.size, args.seed)
+    # ultralytics publishes no checksums for these assets: check that the file is the checkpoint we asked for.
+    weights = resolve_weights(args.weights,
+                              official=lambda: check_checkpoint(fetch(RELEASE_URL.format(size=args.size)), args.size),
+                              synthetic=lambda: synthetic_checkpoint(args.size, args.seed))
     onnx_path, metadata = export_onnx(weights)
     kind = args.kind if args.kind != "auto" else ("cpu" if args.flavour == "python" else "gpu")
     yolov8 = stage_model(args.repo, "yolov8")
     shutil.copy(onnx_path, yolov8 / "1" / "model.onnx")
     (yolov8 / "config.pbtxt").write_text(yolov8_config(args.flavour, kind, args.max_batch_size, metadata))
-    if args.flavour != "python":  # the committed model.py only serves the python flavour
-        (yolov8 / "1" / "model.py").unlink(missing_ok=True)
     detect = stage_model(args.repo, "detect")
     config = detect / "config.pbtxt"
     config.write_text(re.sub(r"kind: KIND_\w+", f"kind: KIND_{kind.upper()}", config.read_text()))
@@ -51,19 +52,6 @@ def run(args: argparse.Namespace) -> None:
     write_manifest(args.repo, "yolov8", {"weights": str(weights), "synthetic": args.weights == "synthetic",
                                          "size": args.size, "flavour": args.flavour})
     print(f"yolov8 ({args.flavour}, {kind}) and detect written to {Path(args.repo).resolve()} from {weights}")
-
-
-def resolve_weights(weights: str, size: str, seed: int) -> Path:
-    """Path of a .pt checkpoint: downloaded, given, or built with random weights."""
-    if weights == "official":
-        # ultralytics publishes no checksums for these assets: check that the file is the checkpoint we asked for.
-        return check_checkpoint(fetch(RELEASE_URL.format(size=size)), size)
-    if weights == "synthetic":
-        return synthetic_checkpoint(size, seed)
-    path = Path(weights)
-    if not path.is_file():
-        raise SystemExit(f"--weights {weights}: no such file (use 'official', 'synthetic' or a .pt path)")
-    return path
 
 
 def check_checkpoint(path: Path, size: str) -> Path:
