@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import zipfile
 from collections import OrderedDict
@@ -33,7 +32,7 @@ from easyocr.utils import CTCLabelConverter
 from PIL import Image, ImageDraw, ImageFont
 
 from .download import fetch, file_digest, verify
-from .repository import DEFAULT_REPO, stage_model, write_manifest
+from .repository import DEFAULT_REPO, set_instance_kind, stage_model, write_manifest
 
 MODEL_NAME = "easyocr"
 MANIFEST = "manifest.json"
@@ -191,17 +190,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "directory holding the official .pth files")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     parser.add_argument("--kind", choices=("auto", "gpu", "cpu"), default="auto",
-                        help="instance kind (auto: GPU when torch sees CUDA here, else CPU)")
+                        help="instance kind (auto: GPU where the server has one, else CPU)")
     parser.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="Triton model repository")
 
 
 def run(args: argparse.Namespace) -> None:
     model_dir = stage_model(args.repo, MODEL_NAME)
-    kind = args.kind if args.kind != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     config = model_dir / "config.pbtxt"
-    config.write_text(re.sub(r"kind: KIND_\w+", f"kind: KIND_{kind.upper()}", config.read_text()))
+    set_instance_kind(config, args.kind)
     lang = tuple(s.strip() for s in args.lang.split(",") if s.strip())
     weights_dir = write_weights(model_dir / "1" / "weights", lang, args.weights, args.seed)
     write_manifest(args.repo, MODEL_NAME, {"weights": str(args.weights), "synthetic": args.weights == "synthetic",
-                                           "lang": list(lang), "seed": args.seed, "kind": kind})
-    print(f"easyocr ({kind}): {args.weights} weights for {','.join(lang)} in {weights_dir}")
+                                           "lang": list(lang), "seed": args.seed, "kind": args.kind})
+    print(f"easyocr ({args.kind}): {args.weights} weights for {','.join(lang)} in {weights_dir}")

@@ -55,3 +55,9 @@ def resolve_weights(weights: str, official: Callable[[], Path], synthetic: Calla
     if not path.exists():
         raise SystemExit(f"--weights {weights}: no such file or directory (use 'official', 'synthetic' or a path)")
     return path
+
+
+def set_instance_kind(config: Path, kind: str) -> None:
+    """Pin `instance_group` to KIND_GPU or KIND_CPU; 'auto' keeps the committed KIND_AUTO (GPU when there is one)."""
+    if kind != "auto":
+        config.write_text(re.sub(r"kind: KIND_\w+", f"kind: KIND_{kind.upper()}", config.read_text()))

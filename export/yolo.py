@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 from .download import CACHE_DIR, DownloadError, fetch, file_digest
-from .repository import DEFAULT_REPO, pbtxt_string, resolve_weights, set_parameter, stage_model, write_manifest
+from .repository import (DEFAULT_REPO, pbtxt_string, resolve_weights, set_instance_kind, set_parameter, stage_model,
+                         write_manifest)
 
 SIZES = ("n", "s", "m", "l", "x")
 # Official checkpoints, as ultralytics' own downloader names them.
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
     (yolov8 / "config.pbtxt").write_text(yolov8_config(args.flavour, kind, args.max_batch_size, metadata))
     detect = stage_model(args.repo, "detect")
     config = detect / "config.pbtxt"
-    config.write_text(re.sub(r"kind: KIND_\w+", f"kind: KIND_{kind.upper()}", config.read_text()))
+    set_instance_kind(config, args.kind)
     set_parameter(config, "metadata", json.dumps(metadata))
     write_manifest(args.repo, "yolov8", {"weights": str(weights), "synthetic": args.weights == "synthetic",
                                          "size": args.size, "flavour": args.flavour})

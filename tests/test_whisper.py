@@ -130,7 +130,7 @@ def _jpeg() -> bytes:
 @pytest.mark.parametrize("inputs, message", [
     (lambda: {"AUDIO": b""}, "AUDIO is empty"),
     (lambda: {"AUDIO": _jpeg()}, "AUDIO"),
-    (lambda: {"AUDIO": (DATA / "speech_en.mp3").read_bytes()[:4000]}, "AUDIO"),
+    (lambda: {"AUDIO": (DATA / "speech_en.mp3").read_bytes()[:4000]}, "AUDIO is truncated"),
     (lambda: {"PCM": np.zeros(0, np.float32)}, "PCM is empty"),
     (lambda: {"PCM": np.array([0.0, np.nan] * 800, np.float32)}, "NaN"),
     (lambda: {"PCM": np.zeros(1600, np.float32), "LANGUAGE": "xx"}, "'xx'"),
