@@ -50,12 +50,15 @@ def reference(model, audio: np.ndarray, temperature=GREEDY, **options) -> dict:
 
 
 def assert_same(result, expected: dict) -> None:
+    """Text, language and segment boundaries equal; log-probabilities equal up to batch rounding."""
     assert result.text == expected["text"]
     assert result.language == expected["language"]
     assert [(s.start, s.end, s.text) for s in result.segments] == \
         [(s["start"], s["end"], s["text"]) for s in expected["segments"]]
     np.testing.assert_allclose([s.avg_logprob for s in result.segments],
                                [s["avg_logprob"] for s in expected["segments"]], atol=1e-4)
+    np.testing.assert_allclose([s.no_speech_prob for s in result.segments],
+                               [s["no_speech_prob"] for s in expected["segments"]], atol=1e-4)
 
 
 @pytest.mark.parametrize("clip", ["en", "long"])
@@ -68,11 +71,11 @@ def test_greedy_transcription_equals_whisper_transcribe(client, model, clips, cl
 
 
 @pytest.mark.parametrize("ext", ["wav", "flac", "mp3", "ogg", "m4a"])
-def test_encoded_files(client, model, ext):
+def test_encoded_files(triton, model, ext):
     data = (DATA / f"speech_ko.{ext}").read_bytes()
     expected = reference(model, decode_audio(data))
     assert expected["text"].strip()
-    assert_same(client.transcribe(data, temperature=GREEDY), expected)
+    assert_same(triton.client("grpc").transcribe(data, temperature=GREEDY), expected)
 
 
 def test_language_and_task(client, model, clips):
@@ -81,10 +84,13 @@ def test_language_and_task(client, model, clips):
     assert_same(result, reference(model, clips["ko"], language="ko", task="translate"))
 
 
-def test_default_schedule_falls_back_on_the_same_windows(client, model, clips):
-    """Random weights fail whisper's quality checks: every window is re-decoded, on the server as in transcribe."""
-    expected = reference(model, clips["long"], temperature=DEFAULT_TEMPERATURES)
-    served = client.transcribe(clips["long"])  # the default schedule
+def test_default_schedule_falls_back_on_the_same_windows(triton, model, clips):
+    """Random weights fail whisper's quality checks: the window is re-decoded, on the server as in transcribe.
+
+    One window over gRPC keeps this affordable on a CPU (six 224-token decodes on each side); the unit tests
+    cover multi-window fallback with thresholds that make only some windows fall back."""
+    expected = reference(model, clips["en"], temperature=DEFAULT_TEMPERATURES)
+    served = triton.client("grpc").transcribe(clips["en"])  # the default schedule
     assert len(served.segments) == len(expected["segments"]) > 0
     assert [round(s.start, 2) for s in served.segments] == [round(s["start"], 2) for s in expected["segments"]]
     assert {s["temperature"] for s in expected["segments"]} == {1.0}
@@ -100,7 +106,7 @@ def test_concurrent_mixed_lengths_get_what_they_get_alone(triton, clips):
         results = list(pool.map(lambda n: client.transcribe(clips[n], temperature=GREEDY), names))
     after = triton.metrics()
     for name, result in zip(names, results):
-        assert (result.text, result.segments) == (alone[name].text, alone[name].segments), name
+        assert_same(result, alone[name].to_dict())
     inferences = after[("nv_inference_count", "whisper")] - before.get(("nv_inference_count", "whisper"), 0)
     executions = after[("nv_inference_exec_count", "whisper")] - before.get(("nv_inference_exec_count", "whisper"), 0)
     assert inferences == 16 and executions < inferences
@@ -108,7 +114,7 @@ def test_concurrent_mixed_lengths_get_what_they_get_alone(triton, clips):
 
 def test_short_request_is_answered_before_a_long_one_finishes(triton, clips):
     client = triton.client("grpc")
-    five_minutes = np.tile(clips["long"], 5)
+    long = np.tile(clips["long"], 2)  # six windows; the short clip needs one
     finished = {}
 
     def call(name, audio):
@@ -116,7 +122,7 @@ def test_short_request_is_answered_before_a_long_one_finishes(triton, clips):
         finished[name] = time.monotonic()
 
     with ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(call, "long", five_minutes)
+        slow = pool.submit(call, "long", long)
         time.sleep(1.0)  # the long one is running
         fast = pool.submit(call, "short", clips["en"])
         fast.result(), slow.result()
@@ -136,7 +142,7 @@ def _jpeg() -> bytes:
     (lambda: {"PCM": np.zeros(1600, np.float32), "LANGUAGE": "xx"}, "'xx'"),
     (lambda: {"PCM": np.zeros(1600, np.float32), "TASK": "summarize"}, "'summarize'"),
     (lambda: {"PCM": np.zeros(1600, np.float32), "AUDIO": (DATA / "speech_en.wav").read_bytes()}, "exactly one"),
-    (lambda: {}, "exactly one"),
+    (lambda: {"LANGUAGE": "en"}, "exactly one"),
     (lambda: {"PCM": np.zeros(1600, np.float32), "TEMPERATURE": np.array([-1.0], np.float32)}, "TEMPERATURE"),
 ])
 def test_bad_input_gets_clear_errors(client, triton, inputs, message):
