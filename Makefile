@@ -59,7 +59,7 @@ demo: venv
 	@status=0; \
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) health || status=1; \
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) detect $$($(PY) -c "from ultralytics.utils import ASSETS; print(*sorted(ASSETS.glob('*.jpg')))") || status=1; \
-	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) transcribe tests/data/speech_en.wav tests/data/speech_ko.mp3 || status=1; \
+	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) transcribe --temperature 0 tests/data/speech_en.wav tests/data/speech_ko.mp3 || status=1; \
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) ocr tests/data/ocr_en_sign.jpg tests/data/ocr_ko_mixed.png || status=1; \
 	$(PY) -m trident_serving.server stop; exit $$status
 

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     transcribe.add_argument("files", nargs="+", metavar="FILE")
     transcribe.add_argument("--language", help="ISO code such as en or ko (default: detect)")
     transcribe.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
+    transcribe.add_argument("--temperature", type=float, nargs="+", metavar="T",
+                            help="temperatures tried in turn on failing windows (server default 0 0.2 ... 1); "
+                                 "0 alone: greedy")
     style = transcribe.add_mutually_exclusive_group()
     style.add_argument("--json", action="store_true", help="print JSON lines")
     style.add_argument("--srt", action="store_true", help="print SubRip subtitles")
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return _each(args.images, lambda p: client.detect(p, args.conf, args.iou), _show_detections, args.json)
     if args.command == "transcribe":
         show = _show_srt if args.srt else _show_transcription
-        return _each(args.files, lambda p: client.transcribe(p, args.language, args.task), show, args.json)
+        return _each(args.files, lambda p: client.transcribe(p, args.language, args.task, args.temperature), show, args.json)
     return _each(args.images, client.read_text, _show_lines, args.json)
 
 
