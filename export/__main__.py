@@ -1,4 +1,4 @@
-"""`python -m export {yolo,whisper,easyocr,all}`: write model artifacts into a Triton model repository."""
+"""`python -m export {yolo,whisper,easyocr}`: write model artifacts into a Triton model repository."""
 from __future__ import annotations
 
 import argparse

@@ -32,7 +32,7 @@ from easyocr.utils import CTCLabelConverter
 from PIL import Image, ImageDraw, ImageFont
 
 from .download import fetch, file_digest, verify
-from .repository import DEFAULT_REPO, set_instance_kind, stage_model, write_manifest
+from .repository import add_common_arguments, set_instance_kind, stage_model, write_manifest
 
 MODEL_NAME = "easyocr"
 MANIFEST = "manifest.json"
@@ -185,13 +185,8 @@ def _standardise(weight: torch.Tensor, bias: torch.Tensor, inputs: torch.Tensor,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lang", default="ko,en", help="comma-separated languages: 'ko,en' (korean_g2) or 'en' "
                         "(english_g2)")
-    parser.add_argument("--weights", default="official",
-                        help="'official' (download EasyOCR's release files), 'synthetic' (random, seeded) or a "
-                        "directory holding the official .pth files")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
-    parser.add_argument("--kind", choices=("auto", "gpu", "cpu"), default="auto",
-                        help="instance kind (auto: GPU where the server has one, else CPU)")
-    parser.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="Triton model repository")
+    add_common_arguments(parser, "'official' (download EasyOCR's release files), 'synthetic' (random, seeded) or a "
+                                 "directory holding the official .pth files")
 
 
 def run(args: argparse.Namespace) -> None:

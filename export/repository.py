@@ -1,6 +1,7 @@
 """Staging of committed model folders into a (possibly temporary) Triton model repository."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -61,3 +62,12 @@ def set_instance_kind(config: Path, kind: str) -> None:
     """Pin `instance_group` to KIND_GPU or KIND_CPU; 'auto' keeps the committed KIND_AUTO (GPU when there is one)."""
     if kind != "auto":
         config.write_text(re.sub(r"kind: KIND_\w+", f"kind: KIND_{kind.upper()}", config.read_text()))
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, weights_help: str,
+                         kind_help: str = "instance kind (auto: GPU where the server has one, else CPU)") -> None:
+    """The options every exporter takes: --weights, --seed, --kind and --repo."""
+    parser.add_argument("--weights", default="official", help=weights_help)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    parser.add_argument("--kind", choices=("auto", "gpu", "cpu"), default="auto", help=kind_help)
+    parser.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="model repository to write into")

@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 from .download import CACHE_DIR, fetch
-from .repository import DEFAULT_REPO, resolve_weights, set_instance_kind, set_parameter, stage_model, write_manifest
+from .repository import (add_common_arguments, resolve_weights, set_instance_kind, set_parameter, stage_model,
+                         write_manifest)
 
 # ModelDimensions of the official checkpoints (whisper.load_model(name).dims), for the synthetic weights.
 # Fields: n_mels, n_audio_ctx, n_audio_state, n_audio_head, n_audio_layer,
@@ -25,13 +26,8 @@ DIM_NAMES = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=tuple(DIMS), default="small", help="Whisper size (default small)")
-    parser.add_argument("--weights", default="official",
-                        help="'official' (download openai-whisper's checkpoint), 'synthetic' (random weights "
-                             "of the same dimensions) or a local .pt checkpoint")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
-    parser.add_argument("--kind", choices=("auto", "gpu", "cpu"), default="auto",
-                        help="instance kind (auto: GPU where the server has one); fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="model repository to write into")
+    add_common_arguments(parser, "'official' (download openai-whisper's checkpoint), 'synthetic' (random weights "
+                                 "of the same dimensions) or a local .pt checkpoint")
 
 
 def run(args: argparse.Namespace) -> None:

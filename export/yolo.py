@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 from .download import CACHE_DIR, DownloadError, fetch, file_digest
-from .repository import (DEFAULT_REPO, pbtxt_string, resolve_weights, set_instance_kind, set_parameter, stage_model,
-                         write_manifest)
+from .repository import (add_common_arguments, pbtxt_string, resolve_weights, set_instance_kind, set_parameter,
+                         stage_model, write_manifest)
 
 SIZES = ("n", "s", "m", "l", "x")
 # Official checkpoints, as ultralytics' own downloader names them.
@@ -23,15 +23,11 @@ ANCHORS = sum((IMGSZ // stride) ** 2 for stride in (8, 16, 32))  # 8400 predicti
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=SIZES, default="n", help="YOLOv8 size (default n)")
-    parser.add_argument("--weights", default="official",
-                        help="'official' (download yolov8<size>.pt), 'synthetic' (random weights), or a .pt path")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    add_common_arguments(parser, "'official' (download yolov8<size>.pt), 'synthetic' (random weights), or a .pt path",
+                         "instance kind (auto: GPU for onnxruntime/tensorrt, CPU for the local python flavour)")
     parser.add_argument("--flavour", choices=FLAVOURS, default="onnxruntime",
                         help="backend serving `yolov8`: onnxruntime (CPU/GPU), tensorrt (GPU) or python (local server)")
-    parser.add_argument("--kind", choices=("auto", "gpu", "cpu"), default="auto",
-                        help="instance kind (auto: GPU for tensorrt, CPU for the local python flavour)")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="model repository to write into")
 
 
 def run(args: argparse.Namespace) -> None:
