@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     transcribe.add_argument("files", nargs="+", metavar="FILE")
     transcribe.add_argument("--language", help="ISO code such as en or ko (default: detect)")
     transcribe.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
-    transcribe.add_argument("--temperature", type=float, nargs="+", metavar="T",
-                            help="temperatures tried in turn on failing windows (server default 0 0.2 ... 1); "
+    transcribe.add_argument("--temperature", type=_floats, metavar="T[,T...]",
+                            help="temperatures tried in turn on failing windows (server default 0,0.2,...,1); "
                                  "0 alone: greedy")
     style = transcribe.add_mutually_exclusive_group()
     style.add_argument("--json", action="store_true", help="print JSON lines")
@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         show = _show_srt if args.srt else _show_transcription
         return _each(args.files, lambda p: client.transcribe(p, args.language, args.task, args.temperature), show, args.json)
     return _each(args.images, client.read_text, _show_lines, args.json)
+
+
+def _floats(text: str) -> list[float]:
+    """'0,0.2,0.4' -> [0.0, 0.2, 0.4]."""
+    return [float(part) for part in text.split(",") if part.strip()]
 
 
 def _each(paths: list[str], call: Callable, show: Callable, as_json: bool) -> int:
