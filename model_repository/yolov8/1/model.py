@@ -5,6 +5,8 @@ its config.pbtxt, rendered by export, has the same I/O signature as the onnxrunt
 """
 import os
 
+import numpy as np
+import onnxruntime
 import triton_python_backend_utils as pb_utils
 
 from trident_serving.triton import device
@@ -12,8 +14,6 @@ from trident_serving.triton import device
 
 class TritonPythonModel:
     def initialize(self, args):
-        import onnxruntime
-
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         providers = ["CUDAExecutionProvider"] if device(args).startswith("cuda") else []
         self.session = onnxruntime.InferenceSession(path, providers=providers + ["CPUExecutionProvider"])
@@ -21,8 +21,6 @@ class TritonPythonModel:
     def execute(self, requests):
         # Triton has already checked dtype and shape against config.pbtxt; batch all requests in one run.
         images = [pb_utils.get_input_tensor_by_name(r, "images").as_numpy() for r in requests]
-        import numpy as np
-
         output = self.session.run(["output0"], {"images": np.concatenate(images)})[0]
         responses, start = [], 0
         for image in images:
