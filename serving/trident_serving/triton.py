@@ -99,6 +99,23 @@ def parse_requests(requests: list, parse: Callable[[Any], Any]) -> tuple[list, l
     return parsed, errors
 
 
+def serve_batch(requests: list, parse: Callable[[Any], Any], run: Callable[[list], list]) -> list:
+    """Parse each request alone, then `run` the valid ones as one batch (parsed items in, responses out).
+
+    A bad request gets its own INVALID_ARG response; a batch that fails fails its own requests, not the server.
+    """
+    parsed, responses = parse_requests(requests, parse)
+    valid = [i for i, item in enumerate(parsed) if item is not None]
+    if valid:
+        try:
+            for i, response in zip(valid, run([parsed[i] for i in valid])):
+                responses[i] = response
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            for i in valid:
+                responses[i] = error_response(exc)
+    return responses
+
+
 def quiet_ultralytics() -> None:
     """Settings ultralytics needs inside a server: no network, writable config dir, UTF-8 logging."""
     os.environ.setdefault("YOLO_OFFLINE", "1")

@@ -27,19 +27,13 @@ class TritonPythonModel:
         return image.shape[:2], yolo.letterbox(image, self.imgsz, self.stride), conf, iou
 
     def execute(self, requests):
-        parsed, responses = triton.parse_requests(requests, self.parse)
-        valid = [i for i, p in enumerate(parsed) if p is not None]
-        if valid:
-            try:
-                shapes, boxes, confs, ious = zip(*(parsed[i] for i in valid))
-                prediction = self.infer(yolo.to_model_input(list(boxes), self.device))
-                detections = yolo.postprocess(prediction, (self.imgsz, self.imgsz), list(shapes), confs, ious)
-                for i, found in zip(valid, detections):
-                    responses[i] = self.response(found)
-            except Exception as exc:  # noqa: BLE001 - a failed network call fails the batch, not the server
-                for i in valid:
-                    responses[i] = triton.error_response(exc)
-        return responses
+        return triton.serve_batch(requests, self.parse, self.detect)
+
+    def detect(self, batch: list) -> list:
+        shapes, boxes, confs, ious = zip(*batch)
+        prediction = self.infer(yolo.to_model_input(list(boxes), self.device))
+        detections = yolo.postprocess(prediction, (self.imgsz, self.imgsz), list(shapes), confs, ious)
+        return [self.response(found) for found in detections]
 
     def infer(self, images: torch.Tensor) -> torch.Tensor:
         """Run `yolov8` on the letterboxed batch through BLS, zero-copy via DLPack."""

@@ -21,16 +21,8 @@ class TritonPythonModel:
         ocr.read_batch(self.reader, [page, page])
 
     def execute(self, requests):
-        pages, responses = triton.parse_requests(requests, lambda r: ocr.decode_page(triton.bytes_input(r, "IMAGE")))
-        valid = [i for i, page in enumerate(pages) if page is not None]
-        if valid:
-            try:
-                for i, lines in zip(valid, ocr.read_batch(self.reader, [pages[i] for i in valid])):
-                    responses[i] = self.response(lines)
-            except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
-                for i in valid:
-                    responses[i] = triton.error_response(exc)
-        return responses
+        return triton.serve_batch(requests, lambda r: ocr.decode_page(triton.bytes_input(r, "IMAGE")),
+                                  lambda pages: [self.response(lines) for lines in ocr.read_batch(self.reader, pages)])
 
     @staticmethod
     def response(lines: list[ocr.Line]):
