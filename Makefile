@@ -25,11 +25,15 @@ $(VENV)/.installed: requirements.txt serving/pyproject.toml client/pyproject.tom
 	$(PY) -m pip install --quiet -r requirements.txt -e serving -e client
 	touch $@
 
-# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64.
+# Debian packages the tests need (one per line below, with why):
+#   libb64-0d   perf_analyzer (shipped in the tritonclient wheel)
+SYSTEM_PACKAGES := libb64-0d
 system-deps:
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
-	  echo "installing libb64-0d (perf_analyzer)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d >/dev/null; }
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 # Export all models into $(REPO) for the local server (the Python flavour of yolov8).
 export: venv
