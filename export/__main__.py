@@ -1,4 +1,5 @@
-"""`python -m export {yolo,whisper,easyocr}`: write model artifacts into a Triton model repository."""
+"""`python -m export {yolo,whisper,easyocr}`: write model artifacts into a Triton model repository;
+`python -m export plan`: fit them on the GPUs."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +9,13 @@ import sys
 from .download import DownloadError
 
 EXPORTERS = ("yolo", "whisper", "easyocr")
+TOOLS = ("plan",)  # work on an exported repository
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in EXPORTERS:
+    for name in EXPORTERS + TOOLS:
         module = importlib.import_module(f"export.{name}")
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(sub)

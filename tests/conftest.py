@@ -25,7 +25,8 @@ ALL_MODELS = ("yolo", "whisper", "easyocr")
 # Synthetic weights: real architectures, random (seeded) values; whisper at `tiny` size for CPU speed.
 EXPORT_ARGS = {
     "yolo": ["yolo", "--weights", "synthetic", "--flavour", "python"],
-    "whisper": ["whisper", "--size", "tiny", "--weights", "synthetic"],
+    # CPU instance: the parity references run whisper.transcribe on the CPU in fp32, as this instance does.
+    "whisper": ["whisper", "--size", "tiny", "--weights", "synthetic", "--kind", "cpu"],
     "easyocr": ["easyocr", "--weights", "synthetic"],
 }
 

@@ -16,6 +16,7 @@ from trident_serving.errors import InvalidInput
 from trident_serving.images import decode_image
 from trident_serving.ocr import DEFAULTS, BatchOptions, Line, decode_page, load_reader, read_batch
 
+pytestmark = pytest.mark.easyocr
 DATA = Path(__file__).resolve().parent / "data"
 TRUTH = json.loads((DATA / "ocr_truth.json").read_text(encoding="utf-8"))
 # small batches on purpose: several recogniser chunks per width, still identical results

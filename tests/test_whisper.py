@@ -7,17 +7,24 @@ the re-decoded windows sample at random, so there the *windows* that fell back a
 """
 from __future__ import annotations
 
+import io
 import json
+import re
+import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpcclient
 import whisper
+from conftest import Server, free_port
 
-from trident import InvalidInputError
+from trident import Client, InvalidInputError, TridentError
+from trident_serving import server
 from trident_serving.audio import SAMPLE_RATE, decode_audio
 
 pytestmark = pytest.mark.whisper
@@ -94,6 +101,7 @@ def test_default_schedule_falls_back_on_the_same_windows(triton, model, clips):
     assert len(served.segments) == len(expected["segments"]) > 0
     assert [round(s.start, 2) for s in served.segments] == [round(s["start"], 2) for s in expected["segments"]]
     assert {s["temperature"] for s in expected["segments"]} == {1.0}
+    assert [s.temperature for s in served.segments] == [s["temperature"] for s in expected["segments"]]
     assert served.text.strip()
 
 
@@ -112,21 +120,120 @@ def test_concurrent_mixed_lengths_get_what_they_get_alone(triton, clips):
     assert inferences == 16 and executions < inferences
 
 
-def test_short_request_is_answered_before_a_long_one_finishes(triton, clips):
-    client = triton.client("grpc")
-    long = np.tile(clips["long"], 2)  # six windows; the short clip needs one
-    finished = {}
+# ------------------------------------------------------------- scheduling, cancellation and overload
+# A second server with tight scheduling parameters: one window per step (no batching), room for one long request
+# plus one short one, and a Triton queue of two. Nothing here depends on how fast a step is: the long request
+# (an hour of silence, ten temperatures: random weights fail every quality check, so every window is decoded ten
+# times) would take over a thousand 224-token decodes, far longer than any timeout below, on any hardware.
 
-    def call(name, audio):
-        client.transcribe(audio, temperature=GREEDY)
-        finished[name] = time.monotonic()
+LONG_SECONDS = 3600
+TIGHT = {"max_windows_per_step": "1", "max_queued_audio_seconds": str(LONG_SECONDS + 30), "max_queue_size": "2"}
 
-    with ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(call, "long", long)
-        time.sleep(1.0)  # the long one is running
-        fast = pool.submit(call, "short", clips["en"])
-        fast.result(), slow.result()
-    assert finished["short"] < finished["long"]
+
+def flac_silence(seconds: int) -> bytes:
+    """A small FLAC file of `seconds` of silence (long audio without a long upload)."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=SAMPLE_RATE, layout="mono")
+        block = np.zeros((1, 10 * SAMPLE_RATE), np.int16)
+        for i in range(seconds // 10):
+            frame = av.AudioFrame.from_ndarray(block, format="s16", layout="mono")
+            frame.sample_rate, frame.pts = SAMPLE_RATE, i * block.shape[1]
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tight(repository, tmp_path_factory):
+    """The exported whisper model under TIGHT parameters, on its own server."""
+    repo = tmp_path_factory.mktemp("tight_repository")
+    shutil.copytree(repository / "whisper", repo / "whisper")
+    config = repo / "whisper" / "config.pbtxt"
+    text = config.read_text()
+    for key, value in TIGHT.items():
+        if key == "max_queue_size":
+            text, n = re.subn(r"max_queue_size: \d+", f"max_queue_size: {value}", text)
+        else:
+            text, n = re.subn(rf'(key: "{key}" value {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
+        assert n == 1, key
+    text = re.sub(r"\nmodel_warmup \[.*?\n\]", "", text, flags=re.S)  # warm-up only costs start time here
+    config.write_text(text)
+    options = server.ServerOptions(repository=repo, run_dir=tmp_path_factory.mktemp("tight_run"),
+                                   http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server.start(options)
+    try:
+        yield Server(options, repo)
+    finally:
+        server.stop(options)
+
+
+@pytest.fixture(scope="module")
+def long_audio() -> bytes:
+    return flac_silence(LONG_SECONDS)
+
+
+def start_long(server: Server, audio: bytes):
+    """Send the long request asynchronously; returns (call context with cancel(), future of its error)."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inputs = [grpcclient.InferInput("AUDIO", [1, 1], "BYTES"), grpcclient.InferInput("TEMPERATURE", [1, 10], "FP32")]
+    inputs[0].set_data_from_numpy(np.array([[audio]], dtype=np.object_))
+    inputs[1].set_data_from_numpy(np.linspace(0.0, 0.9, 10, dtype=np.float32).reshape(1, 10))
+    outcome = Future()
+    context = client.async_infer("whisper", inputs, callback=lambda result, error: outcome.set_result(error))
+    return context, outcome
+
+
+def test_fair_scheduling_and_cancellation_on_the_server(tight, clips, long_audio):
+    """With one window per step, a short request sent after the long one is answered while the long one runs
+    (round-robin: within two steps). Then the long one's client cancels it: its job must leave at once, since a
+    35 s request only fits once the long one's hour is released."""
+    context, outcome = start_long(tight, long_audio)
+    short = Client(tight.grpc_url, timeout=300).transcribe(clips["en"], temperature=GREEDY)
+    assert short.text.strip() and not outcome.done()
+    context.cancel()
+    assert "cancel" in str(outcome.result(timeout=60)).lower()
+    bigger = np.concatenate([clips["en"]] * 5)  # 35 s: 3600 + 35 > 3630 while the long job is held
+    result = Client(tight.grpc_url, timeout=300).transcribe(bigger, temperature=GREEDY)
+    assert result.text.strip() and tight.is_ready()
+
+
+def test_overload_is_refused_fast_and_clearly(tight, clips, long_audio):
+    """The long request holds the admitted audio (and execute while its hour is decoded); of 24 more, at most one
+    is admitted, 16 (one execute batch) wait for admission and two wait in Triton's queue, until their clients give
+    up; every other one is refused at once with Triton's clear "Exceeds maximum queue size"."""
+    context, outcome = start_long(tight, long_audio)
+    client = Client(tight.grpc_url, timeout=10)
+
+    def call(_):
+        start = time.monotonic()
+        try:
+            client.transcribe(clips["noise"][:SAMPLE_RATE], temperature=GREEDY)
+            return "served", time.monotonic() - start
+        except TridentError as exc:
+            return str(exc), time.monotonic() - start
+
+    with ThreadPoolExecutor(24) as pool:
+        outcomes = list(pool.map(call, range(24)))
+    context.cancel()
+    outcome.result(timeout=60)
+    refused = [seconds for message, seconds in outcomes if "maximum queue size" in message]
+    assert len(refused) >= 24 - 1 - 16 - 2, outcomes
+    assert max(refused) < 5, outcomes  # refused at once, not after the 10 s timeout
+    assert all(message == "served" or "maximum queue size" in message or "Deadline" in message
+               for message, _ in outcomes), outcomes
+    assert tight.is_ready()
+    # Served again once the queue drained: the requests left in it leave as execute reaches them (cancelled).
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            assert Client(tight.grpc_url, timeout=300).transcribe(clips["en"], temperature=GREEDY).text.strip()
+            break
+        except TridentError as exc:
+            assert "maximum queue size" in str(exc) and time.monotonic() < deadline
+            time.sleep(1)
 
 
 def _jpeg() -> bytes:

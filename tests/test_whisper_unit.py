@@ -23,6 +23,7 @@ from trident_serving.asr import ASROptions, RowwiseDecodingTask, Scheduler, tran
 from trident_serving.audio import SAMPLE_RATE, check_pcm, decode_audio
 from trident_serving.errors import InvalidInput
 
+pytestmark = pytest.mark.whisper
 DATA = Path(__file__).parent / "data"
 LANGUAGES = ("en", "ko")
 LOSSY = ("mp3", "ogg", "m4a")
@@ -108,9 +109,10 @@ def test_formats_decode_to_the_same_speech(language):
         assert abs(np.corrcoef(audio[:n], other[:n])[0, 1]) < 0.3, ext  # the check can fail
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="whisper.load_audio needs the ffmpeg program")
 @pytest.mark.parametrize("ext", ("wav", "flac", *LOSSY))
 def test_matches_whisper_load_audio(ext):
+    """whisper.load_audio runs the ffmpeg program (Debian's ffmpeg: `make system-deps`); never skipped."""
+    assert shutil.which("ffmpeg"), "the ffmpeg program is missing: run `make system-deps`"
     for language in LANGUAGES:
         path = DATA / f"speech_{language}.{ext}"
         expected, audio = whisper.load_audio(str(path)), decode_audio(path.read_bytes())
@@ -282,7 +284,7 @@ def test_batch_rounding_is_far_below_decision_margins(model, clips):
 
 
 def test_short_request_does_not_wait_for_long_one(model, clips, greedy):
-    scheduler = Scheduler(model, max_batch=4)
+    scheduler = Scheduler(model, max_windows=4)
     options = ASROptions(temperatures=(0.0,), sample_len=SAMPLE_LEN)
     long = scheduler.add(clips["long"], options)
     assert scheduler.step() == [] and long.seek == 3000

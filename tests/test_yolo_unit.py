@@ -16,6 +16,8 @@ from trident_serving import yolo
 from trident_serving.errors import InvalidInput
 from trident_serving.images import decode_image
 
+pytestmark = pytest.mark.yolo
+
 
 @pytest.fixture(scope="module")
 def predictor():

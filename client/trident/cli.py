@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("health", help="server liveness/readiness and model states")
+    commands.add_parser("health", help="server liveness/readiness and model states (exit 1 unless all ready)")
 
     detect = commands.add_parser("detect", help="detect objects in images (YOLOv8)")
     detect.add_argument("images", nargs="+", metavar="IMAGE")
@@ -45,14 +45,33 @@ def main(argv: list[str] | None = None) -> int:
     ocr.add_argument("images", nargs="+", metavar="IMAGE")
     ocr.add_argument("--json", action="store_true", help="print JSON lines")
 
+    stats = commands.add_parser("stats", help="per-model rates, batch sizes, latencies and GPU memory from the "
+                                              "server's Prometheus metrics")
+    stats.add_argument("--metrics-url", default=os.environ.get("TRIDENT_METRICS_URL"),
+                       help="metrics endpoint (env TRIDENT_METRICS_URL; default: --url's host, port 8002)")
+    stats.add_argument("--interval", type=float, default=2.0,
+                       help="seconds between the two scrapes compared (default 2; 0: since the server started)")
+    stats.add_argument("--watch", action="store_true", help="print again every interval until Ctrl-C")
+    stats.add_argument("--json", action="store_true", help="print JSON lines")
+
     args = parser.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `trident ... | head` ends quietly
+    if args.command == "stats":
+        return _stats(args)
     client = Client(args.url, protocol=args.protocol, timeout=args.timeout)
     if args.command == "health":
         try:
-            print(json.dumps(client.health(), indent=2))
+            health = client.health()
         except TridentError as exc:
             print(f"trident: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(health, indent=2))
+        # Red (exit 1) while any model cannot serve: Triton keeps a model whose stub died READY until the
+        # supervisor unloads it, then reports it UNLOADING/LOADING (or UNAVAILABLE if the reload failed).
+        down = sorted(f"{name} ({state or 'UNAVAILABLE'})" for name, state in health["models"].items()
+                      if state != "READY")
+        if down or not (health["live"] and health["ready"]):
+            print("trident: not ready" + (": " + ", ".join(down) if down else ""), file=sys.stderr)
             return 1
         return 0
     if args.command == "detect":
@@ -61,6 +80,20 @@ def main(argv: list[str] | None = None) -> int:
         show = _show_srt if args.srt else _show_transcription
         return _each(args.files, lambda p: client.transcribe(p, args.language, args.task, args.temperature), show, args.json)
     return _each(args.images, client.read_text, _show_lines, args.json)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from . import stats  # needs prometheus_client, which the other commands do not
+
+    url = args.metrics_url or stats.metrics_url(args.url)
+    try:
+        stats.run(url, args.interval, args.watch, args.json)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"trident: cannot read metrics from {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _floats(text: str) -> list[float]:

@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .balancing import channel_args, is_resolver_target
 from .errors import InvalidInputError, ServerError, ServerUnavailableError
 from .inputs import ImageLike, encode_image, read_bytes
 from .results import Detection, DetectResult, Segment, TextLine, Transcription
@@ -19,16 +20,24 @@ class Client:
     """Client of one Trident server.
 
     `url` is "host:port", "http://host:port" or "grpc://host:port"; without a port the protocol's default
-    (gRPC 8001, HTTP 8000) is used. `timeout` bounds each request in seconds. Safe to share between threads.
+    (gRPC 8001, HTTP 8000) is used. A gRPC name-resolver target ("dns:///host:8001", "ipv4:a:8001,b:8001")
+    spreads requests over every replica it resolves to (`trident.balancing`). `timeout` bounds each request
+    in seconds. Safe to share between threads.
     """
 
     def __init__(self, url: str = "localhost", protocol: str | None = None, timeout: float = 120.0):
-        scheme, _, address = url.rpartition("://")
-        protocol = (protocol or scheme or "grpc").lower()
-        if protocol not in DEFAULT_PORTS:
-            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-        if ":" not in address:
-            address = f"{address}:{DEFAULT_PORTS[protocol]}"
+        self._channel_args = None
+        if is_resolver_target(url):  # "dns:///svc:8001", "ipv4:a:8001,b:8001": gRPC balances over replicas
+            if (protocol or "grpc").lower() != "grpc":
+                raise ValueError(f"{url!r} is a gRPC name-resolver target: protocol must be 'grpc'")
+            address, protocol, self._channel_args = url, "grpc", channel_args()
+        else:
+            scheme, _, address = url.rpartition("://")
+            protocol = (protocol or scheme or "grpc").lower()
+            if protocol not in DEFAULT_PORTS:
+                raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+            if ":" not in address:
+                address = f"{address}:{DEFAULT_PORTS[protocol]}"
         self.url, self.protocol, self.timeout = address, protocol, timeout
         self._local = threading.local()  # tritonclient's HTTP client is not thread-safe: one per thread
 
@@ -39,7 +48,7 @@ class Client:
             if self.protocol == "grpc":
                 import tritonclient.grpc as module
 
-                client = module.InferenceServerClient(self.url)
+                client = module.InferenceServerClient(self.url, channel_args=self._channel_args)
             else:
                 import tritonclient.http as module
 

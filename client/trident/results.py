@@ -50,6 +50,7 @@ class Segment:
     text: str
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
+    temperature: float | None = None  # the temperature the segment's window was decoded at (> 0: fell back)
 
 
 @dataclass

@@ -6,12 +6,22 @@ whisper's quality checks are decoded again at the next temperature. Every audio 
 `whisper.transcribe(..., condition_on_previous_text=False)`, so for the same weights and input the text and
 segments are the same (up to floating-point near-ties between batch sizes). New audios can join at any step
 and finished ones leave at once, which is what the Triton model needs for continuous batching.
+
+Fairness: a step decodes at most `max_windows` windows, taken round-robin: the jobs of a step go to the back of
+the line, so with N unfinished audios each one advances at least every ceil(N / max_windows) steps and a short
+audio finishes after a bounded number of steps however many long ones run (shortest-remaining-first would
+answer short audios sooner but can starve a long one forever under a steady stream of short ones).
+
+Failures stay local: a step that raises (e.g. CUDA out of memory) is retried in halves, down to one job, and
+only a job that fails alone is failed (`Job.error`); a job whose caller gave up (`cancelled()`) leaves at the next
+step without using a window.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,12 +30,15 @@ from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, dete
 from whisper.model import Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokenizer
 
-from .errors import InvalidInput
+from .errors import Cancelled, InvalidInput
 
 INPUT_STRIDE = 2  # mel frames per output token (N_FRAMES // n_audio_ctx in every whisper model)
 TIME_PRECISION = INPUT_STRIDE * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp token: 0.02
 TASKS = ("transcribe", "translate")
 MAX_TEMPERATURES = 10  # a fallback schedule longer than this only burns compute
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # log-mel frames per second of audio: 100
+
+log = logging.getLogger("trident")
 
 
 @dataclass(frozen=True)
@@ -44,19 +57,31 @@ class ASROptions:
 class Job:
     """One audio being transcribed: its log-mel, its position (`seek`, in mel frames) and what it produced."""
 
-    def __init__(self, mel: torch.Tensor, options: ASROptions, language: Optional[str], tag: Any = None):
-        self.mel = mel  # (n_mels, frames + N_FRAMES), padded with 30 s of silence like whisper.transcribe's
+    def __init__(self, mel: torch.Tensor, options: ASROptions, language: Optional[str], tag: Any = None,
+                 cancelled: Optional[Callable[[], bool]] = None, dtype: torch.dtype = torch.float32):
+        # `mel` is whisper.transcribe's: the audio's frames then 30 s of padding silence. Windows read only the
+        # audio's frames and language detection the first 30 s, so the padding beyond both is dropped. It is
+        # kept in the encoder's dtype: an fp16 encoder is given float16 windows anyway (as in whisper.transcribe),
+        # so float16 storage halves the memory without changing a value; an fp32 encoder keeps float32.
+        self.content_frames = mel.shape[-1] - N_FRAMES
+        self.mel = mel[:, : max(self.content_frames, N_FRAMES)].to(dtype, copy=True)
         self.options = options
         self.language = language  # None until detected
         self.tag = tag  # the caller's handle, e.g. a Triton request
-        self.content_frames = mel.shape[-1] - N_FRAMES
+        self.cancelled = cancelled  # returns True once the caller gave up; None: never
         self.seek = 0
         self.tokens: List[int] = []
         self.segments: List[dict] = []
+        self.error: Optional[BaseException] = None  # set when the job failed or was cancelled
+
+    @property
+    def seconds(self) -> float:
+        """Audio seconds this job holds in memory (at least 30: a window's worth), the admission measure."""
+        return self.mel.shape[-1] / FRAMES_PER_SECOND
 
     @property
     def done(self) -> bool:
-        return self.language is not None and self.seek >= self.content_frames
+        return self.error is not None or (self.language is not None and self.seek >= self.content_frames)
 
     def window(self) -> Tuple[torch.Tensor, int]:
         """The current window's mel, zero-padded to 30 s, and the number of real frames in it."""
@@ -64,18 +89,38 @@ class Job:
         return pad_or_trim(self.mel[:, self.seek : self.seek + size], N_FRAMES), size
 
 
+@dataclass
+class SchedulerStats:
+    """Running totals and gauges of a Scheduler, for metrics; updated by the scheduler only."""
+
+    active_jobs: int = 0  # admitted and not finished
+    queued_audio_seconds: float = 0.0  # sum of `Job.seconds` of the active jobs
+    steps: int = 0
+    windows: int = 0  # windows decoded, all steps together
+    last_step_windows: int = 0  # windows in the latest step
+    fallbacks: int = 0  # windows decoded again at a higher temperature
+    audio_seconds_transcribed: float = 0.0  # audio the finished windows covered
+    retries: int = 0  # failed steps retried in halves
+    failed_jobs: int = 0
+    cancelled_jobs: int = 0
+
+
 class Scheduler:
     """Continuous batching of transcriptions: `add()` audios at any time, call `step()` until `idle`.
 
-    `add()` and `remove()` may run in other threads than `step()`; jobs join the batch at the next step.
+    `add()` may run in other threads than `step()`; jobs join the line at the next step. `jobs` is in turn
+    order: a step takes the first `max_windows` and puts the unfinished ones back at the end.
     """
 
-    def __init__(self, model: Whisper, max_batch: int = 16, fp16: Optional[bool] = None):
+    def __init__(self, model: Whisper, max_windows: int = 16, fp16: Optional[bool] = None):
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be at least 1, got {max_windows}")
         self.model = model
-        self.max_batch = max_batch
+        self.max_windows = max_windows  # windows per step (1: no batching), independent of Triton's batch size
         self.fp16 = model.device.type == "cuda" if fp16 is None else fp16  # fp16 on GPU, fp32 on CPU
-        self.jobs: List[Job] = []  # oldest first
-        self.lock = threading.Lock()  # guards `jobs`; held only to read or replace the list, not to compute
+        self.jobs: List[Job] = []
+        self.lock = threading.Lock()  # guards `jobs` and `stats`; never held while computing
+        self.stats = SchedulerStats()
 
     @property
     def idle(self) -> bool:
@@ -85,8 +130,9 @@ class Scheduler:
     def dtype(self) -> torch.dtype:
         return torch.float16 if self.fp16 else torch.float32
 
-    def add(self, audio: np.ndarray, options: ASROptions = ASROptions(), tag: Any = None) -> Job:
-        """Queue 16 kHz mono float32 `audio`; raises InvalidInput for an unknown language or task."""
+    def check(self, options: ASROptions) -> Optional[str]:
+        """Validate `options`; the language code (None: detect). Raises InvalidInput for a bad task,
+        language or temperature schedule."""
         if options.task not in TASKS:
             raise InvalidInput(f"unknown task {options.task!r}: use one of {', '.join(TASKS)}")
         temperatures = np.asarray(options.temperatures, dtype=np.float64)
@@ -94,25 +140,49 @@ class Scheduler:
                 or (temperatures < 0).any() or (temperatures > 2).any():
             raise InvalidInput(f"TEMPERATURE must hold 1 to {MAX_TEMPERATURES} values in [0, 2] tried in turn, "
                                f"got {options.temperatures}")
-        language = self.language_code(options.language)
-        # On the CPU, like whisper.transcribe, so the log-mel (normalised by its maximum over the whole audio)
-        # and therefore every window are the same as the reference's.
+        return self.language_code(options.language)
+
+    def add(self, audio: np.ndarray, options: ASROptions = ASROptions(), tag: Any = None,
+            cancelled: Optional[Callable[[], bool]] = None) -> Job:
+        """Queue 16 kHz mono float32 `audio`; raises InvalidInput for an unknown language or task.
+
+        `cancelled`, if given, is asked before each of the job's steps; once it returns True the job leaves."""
+        language = self.check(options)
+        # On the CPU in float32, like whisper.transcribe, so the log-mel (normalised by its maximum over the
+        # whole audio) and therefore every window are the same as the reference's; stored in the encoder's dtype.
         audio = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
         mel = log_mel_spectrogram(audio, self.model.dims.n_mels, padding=N_SAMPLES)
-        job = Job(mel, options, language, tag)
+        job = Job(mel, options, language, tag, cancelled, dtype=self.dtype)
         with self.lock:
             self.jobs.append(job)
+            self.stats.active_jobs += 1
+            self.stats.queued_audio_seconds += job.seconds
         return job
 
-    def remove(self, jobs: List[Job]) -> None:
-        """Drop `jobs` (e.g. after a failed step) without finishing them."""
+    def remove(self, jobs: List[Job], error: Optional[BaseException] = None) -> List[Job]:
+        """Drop `jobs` without finishing them, setting `error` on those that have none; returns those dropped."""
+        gone = {id(job) for job in jobs}
         with self.lock:
-            self.jobs = [job for job in self.jobs if job not in jobs]
+            dropped = [job for job in self.jobs if id(job) in gone]
+            self.jobs = [job for job in self.jobs if id(job) not in gone]
+            for job in dropped:
+                job.error = job.error or error or RuntimeError("the job was removed")
+            self._released(dropped)
+        return dropped
+
+    def _released(self, jobs: List[Job]) -> None:
+        """Stats of jobs that left the line (call with the lock held)."""
+        self.stats.active_jobs -= len(jobs)
+        self.stats.queued_audio_seconds -= sum(job.seconds for job in jobs)
+        if not self.jobs:
+            self.stats.queued_audio_seconds = 0.0  # no float drift when empty
+        self.stats.failed_jobs += sum(job.error is not None and not isinstance(job.error, Cancelled) for job in jobs)
+        self.stats.cancelled_jobs += sum(isinstance(job.error, Cancelled) for job in jobs)
 
     def language_code(self, language: Optional[str]) -> Optional[str]:
         """The model's code for `language` (a code or an English name), None to detect; InvalidInput if unknown."""
         if not self.model.is_multilingual:
-            if language not in (None, "en", "english"):
+            if language is not None and language.lower() not in ("en", "english"):
                 raise InvalidInput(f"language {language!r} is not supported: this model is English-only")
             return "en"
         if language is None:
@@ -132,11 +202,57 @@ class Scheduler:
         """A finished job's result, as whisper.transcribe returns it: text, segments and language."""
         return {"text": self.tokenizer(job).decode(job.tokens), "segments": job.segments, "language": job.language}
 
-    @torch.no_grad()
     def step(self) -> List[Job]:
-        """Advance the oldest `max_batch` jobs by one window each; return the jobs that finished."""
+        """Advance the next `max_windows` jobs by one window each; return the jobs that finished.
+
+        A finished job either succeeded (`error` is None: see `result()`), failed, or was cancelled."""
         with self.lock:
-            jobs = self.jobs[: self.max_batch]
+            batch = self.jobs[: self.max_windows]
+        for job in batch:
+            if job.cancelled is not None and asked(job.cancelled):
+                job.error = Cancelled("the client cancelled the request or its timeout expired")
+        running = [job for job in batch if job.error is None]
+        before = {id(job): job.seek for job in running}
+        if running:
+            self._run(running)
+        finished = [job for job in batch if job.done]
+        taken = {id(job) for job in batch}
+        with self.lock:  # round-robin: this step's unfinished jobs go to the back, behind those added meanwhile
+            self.jobs = [job for job in self.jobs if id(job) not in taken] + [job for job in batch if not job.done]
+            self._released(finished)
+            self.stats.steps += 1
+            self.stats.last_step_windows = len(running)
+            self.stats.windows += len(running)
+            self.stats.audio_seconds_transcribed += sum(
+                max(job.seek - before[id(job)], 0) for job in running) / FRAMES_PER_SECOND
+        return finished
+
+    def _run(self, jobs: List[Job]) -> None:
+        """One window of `jobs`; if that raises, the same in halves, so only a job that fails alone fails."""
+        try:
+            self._advance_all(jobs)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure is retried smaller, then becomes the job's error
+            if len(jobs) == 1:
+                jobs[0].error = exc
+                return
+            log.warning("a whisper step of %d windows failed (%s: %s): retrying in halves",
+                        len(jobs), type(exc).__name__, exc)
+        # Outside the except block, so that the failed attempt's tensors are freed before the retry.
+        with self.lock:
+            self.stats.retries += 1
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(jobs) // 2
+        self._run(jobs[:half])
+        self._run(jobs[half:])
+
+    @torch.no_grad()
+    def _advance_all(self, jobs: List[Job]) -> None:
+        """Encode, detect languages and decode the current window of `jobs`, then advance each one.
+
+        Nothing is advanced until every window is decoded, so a retry after an exception starts clean (a
+        detected language is kept: detection is deterministic)."""
         active = [job for job in jobs if job.seek < job.content_frames]
         windows = [job.window() for job in active]
         # whisper.transcribe detects the language on the first 30 s of the silence-padded mel; that is the
@@ -151,13 +267,12 @@ class Scheduler:
             _, probs = detect_language(self.model, features[rows])
             for job, p in zip(detecting, probs):
                 job.language = max(p, key=p.get)
-        if active:
-            results = self.decode_with_fallback(active, features[: len(active)])
-            for job, (_, size), result in zip(active, windows, results):
+        results = self.decode_with_fallback(active, features[: len(active)]) if active else []
+        for job, (_, size), result in zip(active, windows, results):
+            try:
                 self.advance(job, result, size)
-        finished = [job for job in jobs if job.done]
-        self.remove(finished)
-        return finished
+            except Exception as exc:  # noqa: BLE001 - that job alone fails; the others' windows are done
+                job.error = exc
 
     def decode_with_fallback(self, jobs: List[Job], features: torch.Tensor) -> List[DecodingResult]:
         """Decode all windows at their first temperature, then only the failed ones at the next, and so on."""
@@ -175,6 +290,8 @@ class Scheduler:
                 for i, result in zip(rows, RowwiseDecodingTask(self.model, options, prompts).run(features[rows])):
                     results[i] = result
             pending = [i for i in pending if needs_fallback(results[i], jobs[i].options)]
+            with self.lock:  # rows decoded again at the next temperature
+                self.stats.fallbacks += sum(attempt + 1 < len(jobs[i].options.temperatures) for i in pending)
         return results
 
     def advance(self, job: Job, result: DecodingResult, size: int) -> None:
@@ -254,10 +371,20 @@ def window_segments(result: DecodingResult, seek: int, size: int, tokenizer: Tok
 
 
 def transcribe_many(model: Whisper, audios: List[np.ndarray], options: ASROptions = ASROptions(),
-                    max_batch: int = 16) -> List[dict]:
+                    max_windows: int = 16) -> List[dict]:
     """Transcribe `audios` (16 kHz mono float32) together; whisper.transcribe's result dict for each."""
-    scheduler = Scheduler(model, max_batch=max_batch)
+    scheduler = Scheduler(model, max_windows=max_windows)
     jobs = [scheduler.add(audio, options) for audio in audios]
     while not scheduler.idle:
-        scheduler.step()
+        for job in scheduler.step():
+            if job.error is not None:
+                raise job.error
     return [scheduler.result(job) for job in jobs]
+
+
+def asked(cancelled: Callable[[], bool]) -> bool:
+    """`cancelled()`, False if asking fails (e.g. the server is shutting down: the answer then fails anyway)."""
+    try:
+        return bool(cancelled())
+    except Exception:  # noqa: BLE001
+        return False

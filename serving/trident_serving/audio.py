@@ -11,6 +11,10 @@ from .errors import InvalidInput
 SAMPLE_RATE = 16000  # whisper.audio.SAMPLE_RATE
 MAX_SECONDS = 2 * 60 * 60  # two hours; longer uploads are a mistake or an attack, not a request
 FORMATS = "WAV, FLAC, MP3, OGG/Opus or M4A/AAC"
+# The only demuxers FFmpeg may use on a request's bytes (names as libavformat spells them). Without this list,
+# probing picks any of FFmpeg's ~350 demuxers: `ffconcat` or `hls` text would make the server open and
+# transcribe files of its own, and image or video demuxers would run on audio requests.
+DEMUXERS = "wav,flac,mp3,ogg,mov,mp4,m4a"
 TRUNCATION_SLACK = 0.25  # seconds a decode may fall short of the stated length (encoder delay, rounding)
 
 
@@ -28,9 +32,18 @@ def decode_audio(data: bytes, name: str = "AUDIO", max_seconds: float = MAX_SECO
     max_samples = int(max_seconds * SAMPLE_RATE)
     chunks, n_samples = [], 0
     try:
-        with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
+        container = av.open(io.BytesIO(data), metadata_errors="ignore", options={"format_whitelist": DEMUXERS})
+    except av.error.FFmpegError as exc:
+        raise InvalidInput(f"{name} could not be decoded as audio ({_describe(data)}): it is not a {FORMATS} "
+                           f"file, or its header is damaged ({exc.strerror})") from None
+    try:
+        with container:
             if not container.streams.audio:
                 raise InvalidInput(f"{name} holds no audio stream ({_describe(data)}); send a {FORMATS} file")
+            declared = declared_seconds(container, data)
+            if declared and declared > max_seconds:  # refused before a single packet is decoded
+                raise InvalidInput(f"{name}'s header says it lasts {declared:.0f} s, longer than the limit of "
+                                   f"{max_seconds:g} s; split it")
             stream = container.streams.audio[0]
             resampler, source = None, None
             for packet in container.demux(stream):  # the last, empty packet flushes the decoder
@@ -48,7 +61,6 @@ def decode_audio(data: bytes, name: str = "AUDIO", max_seconds: float = MAX_SECO
                 if n_samples > max_samples:
                     raise InvalidInput(f"{name} is longer than the limit of {max_seconds:g} s; split it")
             n_samples += _flush(chunks, resampler)
-            declared = container.duration / av.time_base if container.duration else None
     except av.error.FFmpegError as exc:
         raise InvalidInput(f"{name} could not be decoded as audio ({_describe(data)}): {exc}") from None
     if n_samples == 0:
@@ -60,6 +72,30 @@ def decode_audio(data: bytes, name: str = "AUDIO", max_seconds: float = MAX_SECO
         raise InvalidInput(f"{name} is truncated or corrupt: its header says {declared:.2f} s "
                            f"but only {decoded:.2f} s decode")
     return np.concatenate(chunks).astype(np.float32) / 32768.0
+
+
+def declared_seconds(container: av.container.InputContainer, data: bytes) -> float | None:
+    """The duration the file's header states, or None where FFmpeg only estimates it.
+
+    WAV, FLAC (STREAMINFO), M4A (movie header) and OGG (last page) state it; an MP3 states it only in a
+    Xing/Info/VBRI frame, without which FFmpeg guesses from the file size and the first frame's bit rate
+    (a VBR file that starts with silence would be "hours" long).
+    """
+    if not container.duration:
+        return None
+    if container.format.name == "mp3" and not _mp3_states_length(data):
+        return None
+    return container.duration / av.time_base
+
+
+def _mp3_states_length(data: bytes) -> bool:
+    """Whether the first MPEG frame (after any ID3v2 tag) is a Xing, Info or VBRI header frame."""
+    start = 0
+    if data[:3] == b"ID3" and len(data) >= 10:
+        start = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[6:10]))  # sync-safe size
+        start += 10 if data[5] & 0x10 else 0  # footer
+    head = data[start:start + 512]
+    return any(tag in head for tag in (b"Xing", b"Info", b"VBRI"))
 
 
 def check_pcm(pcm: np.ndarray, name: str = "PCM", max_seconds: float = MAX_SECONDS) -> np.ndarray:

@@ -1,5 +1,13 @@
-"""Error type shared by all models: a problem with the caller's input, reported as INVALID_ARG."""
+"""Error types shared by all models: bad input (INVALID_ARG), unavailable model (UNAVAILABLE), cancelled request."""
 
 
 class InvalidInput(ValueError):
     """The request is malformed; the message names the input and the problem."""
+
+
+class Unavailable(RuntimeError):
+    """The model cannot take the request now (unloading, or its worker stopped): reported as UNAVAILABLE."""
+
+
+class Cancelled(RuntimeError):
+    """The caller gave up (client timeout or cancellation) before the request was answered."""

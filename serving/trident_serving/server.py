@@ -6,6 +6,7 @@ must match this interpreter's version, and it finds our virtual environment thro
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,17 @@ class ServerOptions:
     ready_timeout: float = 300.0
     # Triton waits this long on stop for idle keep-alive client connections and in-flight requests.
     exit_timeout: int = 5
+    # "none": load every model at start; "explicit": load none, clients load/unload models (the perf suite
+    # loads a model a second time with a config override, e.g. batching off).
+    model_control: str = "none"
+    # Triton's rate limiter (README "GPU memory"): executions wait until their instance's rate_limiter
+    # resources are free. "off" ignores the configs' rate_limiter blocks.
+    rate_limit: str = "execution_count"
+    # `<name>:<count>[:<device>]` pools; none given: those of the repository's gpu_plan.json (export plan),
+    # else Triton's default (each resource as large as the largest single instance asks for).
+    rate_limit_resources: tuple[str, ...] = ()
+    # Run tritonserver under trident_serving.supervisor, which reloads a model whose stub process died.
+    supervise: bool = True
 
     @property
     def log_file(self) -> Path:
@@ -76,6 +88,9 @@ def server_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.setdefault("PYTHONIOENCODING", "utf-8")  # ultralytics logs emoji
     env.setdefault("YOLO_OFFLINE", "1")
+    # OpenCV reads its decoder pixel limit once, at import: set it before any stub imports cv2.
+    env.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "100000000")  # = trident_serving.images.MAX_PIXELS
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # GPU budgets fragment less
     return env
 
 
@@ -96,6 +111,18 @@ def running_pid(options: ServerOptions) -> int | None:
     return pid if _alive(pid) else None
 
 
+def rate_limit_resources(options: ServerOptions) -> tuple[str, ...]:
+    """The rate limiter's pools: given ones, else those `python -m export plan` wrote for the repository."""
+    if options.rate_limit_resources:
+        return tuple(options.rate_limit_resources)
+    plan = Path(options.repository) / "gpu_plan.json"
+    if not plan.is_file():
+        return ()
+    prefix = "--rate-limit-resource="
+    return tuple(f[len(prefix):] for f in json.loads(plan.read_text()).get("rate_limit_flags", [])
+                 if f.startswith(prefix))
+
+
 def start(options: ServerOptions) -> int:
     """Start the server in the background and wait until it is ready; returns its PID."""
     if running_pid(options):
@@ -109,12 +136,22 @@ def start(options: ServerOptions) -> int:
         f"--cache-directory={bundle() / 'caches'}",
         f"--http-port={options.http_port}", f"--grpc-port={options.grpc_port}",
         f"--metrics-port={options.metrics_port}",
+        # p50/p90/p95/p99/p999 latency summaries (nv_inference_*_summary_us) for the dashboard and `trident stats`
+        "--metrics-config=summary_latencies=true",
         # 64 MB request/response shared memory per stub: enough for a batch of 10 MP images.
         "--backend-config=python,shm-default-byte-size=67108864",
         "--backend-config=python,shm-growth-byte-size=67108864",
         f"--exit-timeout-secs={options.exit_timeout}",
         "--log-verbose=0",
+        # "none" runs as explicit mode with every model loaded at start (what "none" serves), so that the
+        # supervisor can reload a model whose stub died.
+        *(("--model-control-mode=explicit", "--load-model=*") if options.model_control == "none"
+          else (f"--model-control-mode={options.model_control}",)),
+        f"--rate-limit={options.rate_limit}",
+        *(f"--rate-limit-resource={r}" for r in rate_limit_resources(options)),
     ]
+    if options.supervise:
+        command = [sys.executable, "-m", "trident_serving.supervisor", "--", *command]
     with open(options.log_file, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(),
                                    start_new_session=True)
@@ -172,7 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=defaults.metrics_port)
     parser.add_argument("--ready-timeout", type=float, default=defaults.ready_timeout)
     parser.add_argument("--exit-timeout", type=int, default=defaults.exit_timeout)
+    parser.add_argument("--model-control", choices=("none", "explicit"), default=defaults.model_control,
+                        help="explicit: start with no model loaded; clients load them (tritonclient load_model)")
+    parser.add_argument("--rate-limit", choices=("execution_count", "off"), default=defaults.rate_limit,
+                        help="Triton's rate limiter (default execution_count)")
+    parser.add_argument("--rate-limit-resource", dest="rate_limit_resources", action="append", default=[],
+                        metavar="NAME:COUNT[:DEVICE]",
+                        help="a rate-limiter pool (repeatable); default: the repository's gpu_plan.json")
     args = vars(parser.parse_args(argv))
+    args["rate_limit_resources"] = tuple(args["rate_limit_resources"])
     options = ServerOptions(**{k: v for k, v in args.items() if k != "action"})
     if args["action"] == "start":
         pid = start(options)

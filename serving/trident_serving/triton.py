@@ -15,9 +15,50 @@ from typing import Any, Callable
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .errors import InvalidInput
+from . import gpu, metrics
+from .batching import run_in_halves
+from .errors import Cancelled, InvalidInput, Unavailable
 
 log = logging.getLogger("trident")
+
+
+class TritonLogHandler(logging.Handler):
+    """Forwards log records to Triton's server log (`pb_utils.Logger`), tagged with the model instance.
+
+    Triton's own prefix names only the calling file and line, which is this handler for every model, so the
+    instance name (e.g. `whisper_0_0`) and the record's origin go into the message.
+    """
+
+    def __init__(self, instance: str):
+        super().__init__()
+        self.instance = instance
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = f"{self.instance} {record.module}:{record.lineno}: {self.format(record)}"
+            if record.levelno >= logging.ERROR:
+                pb_utils.Logger.log_error(message)
+            elif record.levelno >= logging.WARNING:
+                pb_utils.Logger.log_warn(message)
+            elif record.levelno >= logging.INFO:
+                pb_utils.Logger.log_info(message)
+            else:  # shown with tritonserver --log-verbose=1
+                pb_utils.Logger.log_verbose(message)
+        except Exception:  # noqa: BLE001 - logging must never fail a request
+            self.handleError(record)
+
+
+def init_instance(args: dict) -> None:
+    """Set up this stub process (one model instance): the `trident` logger writes to the server log, and
+    error responses are counted in trident_request_errors_total."""
+    global _metrics
+    log.handlers[:] = [TritonLogHandler(args["model_instance_name"])]
+    log.setLevel(logging.DEBUG)  # the server's --log-verbose decides what verbose lines it keeps
+    log.propagate = False
+    _metrics = metrics.ModelMetrics(args, [metrics.REQUEST_ERRORS])
+
+
+_metrics: metrics.ModelMetrics | None = None
 
 
 def parameters(args: dict) -> dict[str, str]:
@@ -26,13 +67,30 @@ def parameters(args: dict) -> dict[str, str]:
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
 
-def device(args: dict) -> str:
-    """'cuda:<id>' for a GPU instance when CUDA is usable, else 'cpu'."""
-    import torch
+# This stub process's one model instance (Triton runs each Python-model instance in its own process).
+_placement = gpu.Placement()
+_model_name = "model"
 
-    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
-        return f"cuda:{args['model_instance_device_id']}"
-    return "cpu"
+
+def placement(args: dict) -> gpu.Placement:
+    """Place this instance: a GPU instance on `model_instance_device_id` (made the current CUDA device, its
+    `gpu_memory_mib` budget applied), else the CPU. A GPU instance without usable CUDA fails to load (NoGPU)."""
+    global _placement, _model_name
+    _model_name = args.get("model_name", _model_name)
+    budget = gpu.parse_budget(parameters(args).get("gpu_memory_mib"))
+    _placement = gpu.place(args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", 0),
+                           budget, model=args.get("model_instance_name", args.get("model_name", "model")))
+    return _placement
+
+
+def device(args: dict) -> str:
+    """'cuda:<id>' for a GPU instance, 'cpu' for a CPU one (see `placement`: no silent CPU fallback)."""
+    return placement(args).device
+
+
+def memory_checkpoint(phase: str) -> None:
+    """Record this instance's PyTorch memory counters when TRIDENT_GPU_MEMORY_LOG is set (perf.memory)."""
+    gpu.record_memory(_model_name, phase, _placement)
 
 
 def bytes_input(request, name: str, optional: bool = False) -> bytes | None:
@@ -79,10 +137,29 @@ def string_tensor(name: str, values: list[str | bytes], shape: tuple[int, ...] |
 
 
 def error_response(exc: BaseException):
+    """The error response for `exc` (see `_error_response`), counted by its code in trident_request_errors_total:
+    Triton's own failure counter sees a Python model's error responses as successful requests."""
+    response = _error_response(exc)
+    if _metrics is not None:
+        code = response.error().code()
+        names = [n for n in ("INVALID_ARG", "UNAVAILABLE", "CANCELLED", "INTERNAL", "UNSUPPORTED", "NOT_FOUND",
+                             "ALREADY_EXISTS", "UNKNOWN") if getattr(pb_utils.TritonError, n) == code]
+        _metrics.inc(metrics.REQUEST_ERRORS, code=names[0] if names else str(code))
+    return response
+
+
+def _error_response(exc: BaseException):
     """An error response: INVALID_ARG for bad input, INTERNAL (logged with its traceback) for anything else."""
     if isinstance(exc, InvalidInput):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-    log.error("unexpected error: %s", "".join(traceback.format_exception(exc)))
+    if isinstance(exc, (Unavailable, Cancelled)):
+        code = pb_utils.TritonError.CANCELLED if isinstance(exc, Cancelled) else pb_utils.TritonError.UNAVAILABLE
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
+    budget = gpu.budget_error(exc, _placement)  # CUDA out of memory: the batch fails, the instance lives on
+    if budget is not None:
+        log.warning("%s", budget)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(budget), pb_utils.TritonError.UNAVAILABLE))
+    log.error("unexpected error: %s", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}"))
 
 
@@ -102,17 +179,17 @@ def parse_requests(requests: list, parse: Callable[[Any], Any]) -> tuple[list, l
 def serve_batch(requests: list, parse: Callable[[Any], Any], run: Callable[[list], list]) -> list:
     """Parse each request alone, then `run` the valid ones as one batch (parsed items in, responses out).
 
-    A bad request gets its own INVALID_ARG response; a batch that fails fails its own requests, not the server.
+    A bad request gets its own INVALID_ARG response; a batch that fails is retried in halves, so only the
+    requests that fail alone get an error (see batching.run_in_halves), and never the server.
     """
     parsed, responses = parse_requests(requests, parse)
     valid = [i for i, item in enumerate(parsed) if item is not None]
     if valid:
-        try:
-            for i, response in zip(valid, run([parsed[i] for i in valid])):
-                responses[i] = response
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            for i in valid:
-                responses[i] = error_response(exc)
+        memory_checkpoint("loaded")  # the first one: weights and buffers, before any request's activations
+        # A batch that raises is retried in halves, so one item that breaks it fails alone.
+        for i, response in zip(valid, run_in_halves([parsed[i] for i in valid], run)):
+            responses[i] = error_response(response) if isinstance(response, Exception) else response
+        memory_checkpoint(f"batch{len(valid)}")
     return responses
 
 

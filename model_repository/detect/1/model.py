@@ -5,12 +5,13 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from trident_serving import triton, yolo
+from trident_serving import cpu, metrics, triton, yolo
 from trident_serving.images import decode_image
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        triton.init_instance(args)
         triton.quiet_ultralytics()
         config = json.loads(args["model_config"])
         metadata = json.loads(triton.parameters(args)["metadata"])
@@ -19,6 +20,8 @@ class TritonPythonModel:
         self.stride = metadata["stride"]
         self.max_batch = config["max_batch_size"]
         self.device = torch.device(triton.device(args))
+        cpu.light_torch(self.device.type)  # one torch thread on a CPU instance (trident_serving.cpu)
+        self.metrics = metrics.ModelMetrics(args, [metrics.DETECT_BLS_IMAGES])
 
     def parse(self, request):
         image = decode_image(triton.bytes_input(request, "IMAGE"))
@@ -42,6 +45,7 @@ class TritonPythonModel:
             memory["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index)
         outputs = []
         for chunk in images.split(self.max_batch):
+            self.metrics.observe(metrics.DETECT_BLS_IMAGES, len(chunk))
             request = pb_utils.InferenceRequest(
                 model_name="yolov8", inputs=[pb_utils.Tensor.from_dlpack("images", chunk.contiguous())],
                 requested_output_names=["output0"], **memory)

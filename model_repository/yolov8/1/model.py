@@ -9,14 +9,16 @@ import numpy as np
 import onnxruntime
 import triton_python_backend_utils as pb_utils
 
-from trident_serving.triton import device
+from trident_serving import cpu, gpu, triton
 
 
 class TritonPythonModel:
     def initialize(self, args):
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        providers = ["CUDAExecutionProvider"] if device(args).startswith("cuda") else []
-        self.session = onnxruntime.InferenceSession(path, providers=providers + ["CPUExecutionProvider"])
+        # on the instance's own GPU, its arena capped by gpu_memory_mib; a GPU instance without CUDA fails to load
+        providers = gpu.onnx_providers(triton.placement(args), onnxruntime.get_available_providers())
+        # intra-op threads sleep between runs: spinning ones burn the cores the other stubs need (trident_serving.cpu)
+        self.session = onnxruntime.InferenceSession(path, cpu.onnx_session_options(), providers=providers)
 
     def execute(self, requests):
         # Triton has already checked dtype and shape against config.pbtxt; batch all requests in one run.

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# `make engines`: yolov8's TensorRT engine, built by the serving container's own trtexec on the serving GPU.
+#
+#   1. python -m export yolo --flavour onnxruntime   -> $REPO/yolov8/1/model.onnx (dynamic batch)
+#   2. trtexec in trident-triton:24.10 (docker compose run, the `triton` service's GPU): fp16, batch profile
+#      1 / OPT_BATCH / MAX_BATCH, timing cache persisted in $REPO/yolov8/trt_cache/ -> $REPO/yolov8/1/model.plan
+#   3. $REPO/yolov8/engine.json (what the engine was built from and for) and python -m export yolo
+#      --flavour tensorrt, which checks it and renders the tensorrt_plan config.
+# An engine runs only on the TensorRT version that built it (the container's, 10.5 in 24.10) and, by default,
+# on the GPU architecture it was built on: rebuild after changing either (or the weights).
+#
+# Environment: REPO, WEIGHTS (official | synthetic | a .pt path), SIZE, MAX_BATCH, OPT_BATCH, PYTHON,
+# DRY_RUN=1 (print the commands, run nothing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPO=${REPO:-model_repository}
+WEIGHTS=${WEIGHTS:-official}
+SIZE=${SIZE:-n}
+MAX_BATCH=${MAX_BATCH:-64}
+OPT_BATCH=${OPT_BATCH:-$(( MAX_BATCH / 4 > 0 ? MAX_BATCH / 4 : 1 ))}  # export.yolo.opt_batch_size
+PYTHON=${PYTHON:-.venv/bin/python}
+DRY_RUN=${DRY_RUN:-}
+TRTEXEC=/usr/src/tensorrt/bin/trtexec  # in the tritonserver image (Triton's own QA calls it there)
+IMGSZ=640
+
+run() {  # print a command, run it unless DRY_RUN
+  printf '+ %s\n' "$*"
+  if [ -z "$DRY_RUN" ]; then "$@"; fi
+}
+
+if [ "$OPT_BATCH" -lt 1 ] || [ "$OPT_BATCH" -gt "$MAX_BATCH" ]; then
+  echo "OPT_BATCH=$OPT_BATCH must lie in 1..MAX_BATCH=$MAX_BATCH" >&2; exit 2
+fi
+yolov8=$(realpath -m "$REPO/yolov8")
+shape() { echo "images:${1}x3x${IMGSZ}x${IMGSZ}"; }
+
+echo "== yolov8 TensorRT engine: fp16, batch profile 1/$OPT_BATCH/$MAX_BATCH, weights $WEIGHTS"
+run "$PYTHON" -m export yolo --weights "$WEIGHTS" --size "$SIZE" --flavour onnxruntime --kind gpu \
+  --max-batch-size "$MAX_BATCH" --repo "$REPO"
+run mkdir -p "$yolov8/trt_cache"
+# The engine is written under a temporary name and moved into place only when trtexec succeeds.
+run docker compose run --rm --no-deps --user "$(id -u):$(id -g)" -v "$yolov8:/engine" triton \
+  bash -c "set -o pipefail; $TRTEXEC --onnx=/engine/1/model.onnx --saveEngine=/engine/1/model.plan.partial \
+--fp16 --minShapes=$(shape 1) --optShapes=$(shape "$OPT_BATCH") --maxShapes=$(shape "$MAX_BATCH") \
+--timingCacheFile=/engine/trt_cache/timing.cache --memPoolSize=workspace:4096 --skipInference \
+2>&1 | tee /engine/trt_cache/trtexec.log && mv /engine/1/model.plan.partial /engine/1/model.plan \
+&& nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader -i 0 > /engine/trt_cache/gpu.txt"
+run "$PYTHON" - "$yolov8" "$MAX_BATCH" "$OPT_BATCH" <<'EOF'
+import hashlib, json, re, sys, time
+from pathlib import Path
+folder, max_batch, opt_batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+log = (folder / "trt_cache" / "trtexec.log").read_text(errors="replace")
+version = re.search(r"TensorRT version: ([\d.]+)", log)
+info = {"onnx_sha256": hashlib.sha256((folder / "1" / "model.onnx").read_bytes()).hexdigest(),
+        "max_batch_size": max_batch, "opt_batch_size": opt_batch, "precision": "fp16",
+        "tensorrt": version.group(1) if version else "unknown", "gpu": (folder / "trt_cache" / "gpu.txt").read_text().strip(),
+        "image": "trident-triton:24.10", "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+(folder / "engine.json").write_text(json.dumps(info, indent=2) + "\n")
+print(f"engine.json: {info}")
+EOF
+run "$PYTHON" -m export yolo --weights "$WEIGHTS" --size "$SIZE" --flavour tensorrt --kind gpu \
+  --max-batch-size "$MAX_BATCH" --repo "$REPO"

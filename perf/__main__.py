@@ -1,0 +1,150 @@
+"""`python -m perf`: benchmark the served models with perf_analyzer, batching on and off, against baselines.
+
+    python -m perf                       # cpu mode (no GPU) or gpu mode: export, start a server, measure, report
+    python -m perf --mode cpu --models detect,easyocr
+    python -m perf --url 127.0.0.1:8001 --no-toggle --repository DIR   # a server already running
+
+Without --url it exports synthetic weights into perf/results/repository (unless --repository names an exported
+one), starts the local Triton server in explicit model-control mode on free ports, and stops it at the end.
+Writes results.csv, results.json, throughput.png, latency.png, server_split.png and report.md into --out.
+A perf_analyzer failure stops the run with perf_analyzer's own message (exit status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from . import analyzer, inputs, report, suite
+
+ROOT = Path(__file__).resolve().parent.parent
+# Synthetic weights per mode: CPU mode keeps whisper at `tiny` (its random weights decode 224 tokens a window).
+EXPORTS = {
+    "cpu": [["yolo", "--size", "n", "--flavour", "python"], ["whisper", "--size", "tiny"], ["easyocr"]],
+    "gpu": [["yolo", "--size", "n", "--flavour", "python", "--kind", "gpu"],
+            ["whisper", "--size", "small", "--kind", "gpu"], ["easyocr", "--kind", "gpu"]],
+}
+
+
+def default_mode() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def export(repository: Path, mode: str, models: tuple[str, ...]) -> None:
+    """Synthetic weights of the models to measure into `repository` (cached under ~/.cache/trident)."""
+    wanted = {"yolo": {"detect", "yolov8"}, "whisper": {"whisper"}, "easyocr": {"easyocr"}}
+    for args in EXPORTS[mode]:
+        if wanted[args[0]] & set(models):
+            subprocess.run([sys.executable, "-m", "export", *args, "--weights", "synthetic", "--repo", str(repository)],
+                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("cpu", "gpu", "smoke"), default=None,
+                        help="cpu: ~10 min on 2 cores; gpu: full sweep; smoke: seconds (default: gpu if CUDA)")
+    parser.add_argument("--models", default=",".join(suite.MODELS), help="comma separated (default: all four)")
+    parser.add_argument("--repository", type=Path, default=None,
+                        help="an exported model repository (default: export synthetic weights into "
+                        "perf/results/repository)")
+    parser.add_argument("--data", type=Path, default=inputs.DEFAULT_DIR, help="input files (generated if missing)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: perf/results/<mode>)")
+    parser.add_argument("--url", default=None, help="gRPC address of a running server (default: start one)")
+    parser.add_argument("--metrics-url", default=None, help="its metrics endpoint, e.g. 127.0.0.1:8002/metrics")
+    parser.add_argument("--no-toggle", action="store_true",
+                        help="measure the models as loaded (no explicit-mode load/unload; batching on only)")
+    parser.add_argument("--batching", default="on,off", help="on,off (default) or one of them")
+    parser.add_argument("--concurrency", default=None, help="comma separated levels (default: the mode's plan)")
+    parser.add_argument("--input-set", action="append", default=[], metavar="MODEL=SET",
+                        help="inputs for a model, e.g. whisper=speech-30s (see perf/data/manifest.json)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the in-process baselines")
+    parser.add_argument("--baseline-seconds", type=float, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = args.mode or default_mode()
+    models = tuple(m for m in args.models.split(",") if m)
+    unknown = set(models) - set(suite.MODELS)
+    if unknown:
+        raise SystemExit(f"unknown models {sorted(unknown)}; choose from {', '.join(suite.MODELS)}")
+    out = args.out or ROOT / "perf" / "results" / mode
+    repository = args.repository
+    if repository is None:
+        if args.url:
+            raise SystemExit("--url needs --repository (the baselines load the served weights from it)")
+        repository = ROOT / "perf" / "results" / f"repository-{'gpu' if mode == 'gpu' else 'cpu'}"
+        print(f"exporting synthetic weights into {repository} ...", flush=True)
+        export(repository, "gpu" if mode == "gpu" else "cpu", models)
+    manifest_file = args.data / "manifest.json"
+    manifest = inputs.Manifest.load(args.data) if manifest_file.exists() else inputs.generate(args.data)
+
+    options = suite.SuiteOptions(
+        mode=mode, models=models, repository=repository, data=args.data, out=out,
+        batching=tuple(b for b in args.batching.split(",") if b), toggle=not args.no_toggle,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else None,
+        input_sets=dict(item.split("=", 1) for item in args.input_set), baselines=not args.no_baselines)
+    if args.baseline_seconds is not None:
+        options.baseline_seconds = args.baseline_seconds
+    elif mode == "smoke":
+        options.baseline_seconds = 1.0
+    notes = []
+    if "whisper" in models and "off" in options.batching and not suite.whisper_off_supported(repository):
+        notes.append("whisper's model does not read `max_windows_per_step` yet: its 'off' run only turns "
+                     "Triton's dynamic batching off (the scheduler still batches the windows of queued requests)")
+    if any(not manifest.sets[s].note.startswith("~20 lines, Korean") for s in manifest.sets if s.startswith("pages")):
+        notes.append("OCR pages without Hangul: install Debian's fonts-nanum and delete perf/data to regenerate")
+
+    server_options = None
+    if args.url:
+        options.url = args.url
+        options.metrics_url = args.metrics_url
+    else:
+        from trident_serving import server
+
+        http, grpc, metrics = free_port(), free_port(), free_port()
+        server_options = server.ServerOptions(repository=repository, run_dir=out / "server", http_port=http,
+                                              grpc_port=grpc, metrics_port=metrics,
+                                              model_control="explicit" if options.toggle else "none")
+        options.url, options.metrics_url = f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}/metrics"
+    try:
+        if server_options is not None:
+            # Baselines run before the server starts, so that nothing competes with them for the CPU.
+            found_baselines = []
+            if options.baselines:
+                only_baselines = suite.SuiteOptions(**{**options.__dict__, "batching": ()})
+                _, found_baselines = suite.run(only_baselines, manifest, progress=not args.no_progress)
+                options.baselines = False
+            print(f"starting tritonserver ({server_options.model_control} model control) ...", flush=True)
+            server.start(server_options)
+            results, _ = suite.run(options, manifest, progress=not args.no_progress)
+        else:
+            results, found_baselines = suite.run(options, manifest, progress=not args.no_progress)
+    except analyzer.PerfAnalyzerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server_options is not None:
+            server.stop(server_options)
+    paths = report.write(out, results, found_baselines, manifest, repository, mode, notes)
+    print(f"report: {paths['report']}")
+    for key, g in report.gains([r for r in report.rows(results, found_baselines, manifest)]).items():
+        print(f"batching gain {key}: {g['gain']:.2f}x ({g['on']:.2f} vs {g['off']:.2f} req/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The benchmark suite: perf_analyzer sweeps of every served model, batching on and off, and baselines.
+
+Batching on/off on the same instances: the server runs in explicit model-control mode; each model is loaded
+with its repository config ("on"), measured, then loaded again with a config override (tritonclient
+`load_model(name, config=...)`) that removes `dynamic_batching` ("off": Triton hands the model one request
+at a time). `whisper` batches the windows of its queued requests itself, so its "off" override also sets
+the parameter `max_windows_per_step` to 1 (one transcription advanced per scheduler step).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import analyzer, baselines
+from .inputs import Manifest
+
+# Which model measures which inputs at which concurrencies, per mode.
+#   cpu: ~10 minutes on a 2-core machine; gpu: the full sweep for one GPU; smoke: seconds (tests).
+PLANS: dict[str, dict[str, list[tuple[str, tuple[int, ...]]]]] = {
+    "cpu": {
+        "detect": [("jpeg-640x480", (1, 4))],
+        "yolov8": [("letterboxed", (1, 4))],
+        "whisper": [("speech-5s", (1, 4))],
+        "easyocr": [("pages-1280x720", (1, 4))],
+    },
+    "gpu": {
+        "detect": [("jpeg-640x480", (1, 16, 64, 128, 256)), ("jpeg-1280x720", (1, 64, 256))],
+        "yolov8": [("letterboxed", (1, 16, 64, 128))],
+        "whisper": [("speech-30s", (1, 16, 64)), ("speech-5s", (1, 64)), ("speech-2min", (16,))],
+        "easyocr": [("pages-1280x720", (1, 8, 32))],
+    },
+}
+# Measurement settings per mode: window (time windows, ms, or count windows: requests per concurrent client),
+# stability (%), trials. On a shared CPU machine the timing noise exceeds perf_analyzer's 10 % stability test,
+# so there it measures three count windows and reports what it saw (a time window may see no request finish).
+SETTINGS = {"cpu": ("count", 5, 1000.0, 3), "gpu": ("time", 2500, 25.0, 4), "smoke": ("count", 2, 1000.0, 3)}
+# Slow models get fewer requests per window (CPU) or longer windows (GPU).
+SLOW = {"whisper": 0.4, "easyocr": 0.4}
+OUTPUT_SHM_BYTES = {"yolov8": 84 * 8400 * 4}  # output0 of one image, float32
+COMPOSING = {"detect": ("yolov8",)}
+DEPENDENCIES = {"detect": ("yolov8",)}
+MODELS = ("detect", "yolov8", "whisper", "easyocr")
+
+
+@dataclass
+class SuiteOptions:
+    mode: str = "cpu"
+    models: tuple[str, ...] = MODELS
+    repository: Path = Path("model_repository")
+    data: Path = Path("perf/data")
+    out: Path = Path("perf/results/cpu")
+    url: str = "127.0.0.1:8001"  # gRPC
+    metrics_url: str | None = "127.0.0.1:8002/metrics"
+    http_url: str = "127.0.0.1:8000"
+    batching: tuple[str, ...] = ("on", "off")  # "off" needs a server in explicit model-control mode
+    toggle: bool = True  # load/unload models (explicit mode); False: measure the models as already loaded
+    concurrency: tuple[int, ...] | None = None  # overrides the plan's levels
+    input_sets: dict[str, str] = field(default_factory=dict)  # model -> input set, overrides the plan
+    baselines: bool = True
+    baseline_seconds: float = 10.0
+
+
+@dataclass
+class Result:
+    """One served measurement (a perf_analyzer CSV row) with what it measured."""
+
+    model: str
+    input_set: str
+    batching: str
+    concurrency: int
+    values: dict
+
+    def row(self) -> dict:
+        return {"model": self.model, "input_set": self.input_set, "batching": self.batching, **self.values}
+
+
+def batching_off(config: dict) -> dict:
+    """The override of a loaded model's config that turns batching off on the same instances."""
+    config = copy.deepcopy(config)
+    config.pop("dynamic_batching", None)
+    if config.get("name") == "whisper":
+        config.setdefault("parameters", {})["max_windows_per_step"] = {"string_value": "1"}
+    return config
+
+
+def whisper_off_supported(repository: Path) -> bool:
+    """Whether the whisper model reads `max_windows_per_step` (else "off" only stops Triton's batching)."""
+    import trident_serving.asr as asr
+
+    sources = [repository / "whisper" / "1" / "model.py", Path(asr.__file__)]
+    return any("max_windows_per_step" in p.read_text() for p in sources if p.exists())
+
+
+def plan(options: SuiteOptions) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(model, input set, concurrencies) to measure, in order."""
+    table = PLANS["cpu" if options.mode == "smoke" else options.mode]
+    out = []
+    for model in options.models:
+        entries = table[model]
+        if model in options.input_sets:
+            entries = [(options.input_sets[model], entries[0][1])]
+        for input_set, levels in entries:
+            out.append((model, input_set, options.concurrency or levels))
+    return out
+
+
+class Loader:
+    """Loads models (with an optional config override) on a server in explicit model-control mode."""
+
+    def __init__(self, url: str):
+        import tritonclient.grpc as grpcclient
+
+        self.client = grpcclient.InferenceServerClient(url)
+
+    def load(self, model: str, batching: str) -> None:
+        for dependency in DEPENDENCIES.get(model, ()):
+            self.client.load_model(dependency)
+        if batching == "on":
+            self.client.load_model(model)
+        else:
+            # Override from the repository's config as loaded, so instances and everything else stay the same.
+            self.client.load_model(model)
+            config = self.client.get_model_config(model, as_json=True)["config"]
+            self.client.load_model(model, config=json.dumps(batching_off(config)))
+        if not self.client.is_model_ready(model):
+            raise RuntimeError(f"{model} did not become ready ({batching=})")
+
+    def unload(self, model: str) -> None:
+        for name in (model, *DEPENDENCIES.get(model, ())):
+            self.client.unload_model(name)
+        # unloading is asynchronous: wait until the instances are gone before measuring the next model
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            index = {m["name"]: m.get("state", "") for m in self.client.get_model_repository_index(as_json=True)
+                     .get("models", [])}
+            if all(index.get(n) != "READY" for n in (model, *DEPENDENCIES.get(model, ()))):
+                return
+            time.sleep(0.5)
+
+
+def run(options: SuiteOptions, manifest: Manifest, progress: bool = True) -> tuple[list[Result], list]:
+    """Run the baselines, then every planned perf_analyzer measurement; returns (results, baselines)."""
+    steps = plan(options)
+    variants = options.batching if options.toggle else options.batching[:1]
+    total = sum(len(levels) for _, _, levels in steps) * len(variants)
+    total += len(steps) if options.baselines else 0
+    bar = tqdm(total=total, desc="perf", unit="run", disable=not progress)
+    results: list[Result] = []
+    found_baselines = []
+    windows, size, stability, trials = SETTINGS[options.mode]
+    try:
+        # Baselines first, while no server work competes for the CPU (the server is idle or not started).
+        if options.baselines:
+            for model, input_set, _ in steps:
+                bar.set_postfix_str(f"baseline {model} {input_set}")
+                found_baselines.append(baselines.run(model, manifest.sets[input_set], manifest, options.repository,
+                                                     min_seconds=options.baseline_seconds))
+                bar.update()
+        loader = Loader(options.url) if options.toggle and variants else None
+        for model in dict.fromkeys(m for m, _, _ in steps):
+            for batching in variants:
+                if loader:
+                    bar.set_postfix_str(f"loading {model} (batching {batching})")
+                    loader.load(model, batching)
+                for m, input_set, levels in steps:
+                    if m != model:
+                        continue
+                    for concurrency in levels:
+                        bar.set_postfix_str(f"{model} {input_set} batching {batching} c{concurrency}")
+                        measurement = analyzer.Measurement(
+                            model=model, input_data=manifest.path(manifest.sets[input_set].input_data),
+                            concurrency=concurrency, url=options.url, metrics_url=options.metrics_url,
+                            interval_ms=int(size / SLOW.get(model, 1.0)) if windows == "time" else 0,
+                            request_count=(max(2, int(size * SLOW.get(model, 1.0))) * concurrency
+                                           if windows == "count" else None),
+                            stability_percent=stability,
+                            max_trials=trials, shared_memory="system" if model == "yolov8" else "none",
+                            output_shm_bytes=OUTPUT_SHM_BYTES.get(model, 0),
+                            composing_models=COMPOSING.get(model, ()))
+                        values = analyzer.run(measurement, options.out / "perf_analyzer" / f"{batching}-{input_set}")
+                        results.append(Result(model, input_set, batching, concurrency, values))
+                        bar.update()
+                if loader:
+                    loader.unload(model)
+    finally:
+        bar.close()
+    return results, found_baselines

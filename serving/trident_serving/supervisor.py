@@ -1,0 +1,346 @@
+"""Recovery from Python-backend stub deaths: `python -m trident_serving.supervisor -- tritonserver ARGS...`.
+
+Each Python-model instance runs in its own stub process. When one dies (the kernel's OOM killer, a segfault
+in a native library), Triton 2.51 does not restart it (the restart was disabled in 24.06, see
+triton-inference-server/server issues 7347 and 8604): the model stays READY, `/v2/health/ready` stays green and
+every request fails with "Stub process '<instance>' is not healthy" for as long as the server runs.
+
+The supervisor runs tritonserver as its child and, once a second, lists the stub processes tritonserver
+started (each stub's command line names its model file and instance). A stub that was there and is gone
+(or a zombie) while its model is still READY is a death: the supervisor unloads that model and loads it again
+through Triton's model-control API, which starts fresh stubs (so tritonserver must run with
+`--model-control-mode=explicit`; `--load-model=*` loads every model at start, as the default mode does).
+While the model is unloading and loading, Triton itself reports it (and, with strict readiness, the server)
+not ready; `python -m trident_serving.supervisor check` (the container's health check) and `trident health`
+also go red while any model of the repository is not READY, including one whose reload failed. A failed
+reload is retried with backoff.
+
+The supervisor forwards SIGTERM/SIGINT to tritonserver, exits with its exit status, and reaps orphans, so it
+can be a container's PID 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("trident.supervisor")
+
+STUB = "triton_python_backend_stub"
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One Python-backend stub process."""
+
+    pid: int
+    model: str  # the model's folder name in the repository
+    instance: str  # e.g. "whisper_0_0"
+
+
+@dataclass
+class SupervisorOptions:
+    url: str = "127.0.0.1:8000"  # tritonserver's HTTP endpoint (the model-control API)
+    interval: float = 1.0  # seconds between two looks at the stub processes
+    load_timeout: float = 900.0  # one load of one model (Whisper large on a busy GPU takes minutes)
+    retry_delays: tuple[float, ...] = (5.0, 15.0, 60.0, 300.0)  # between failed reloads; the last repeats
+    proc: Path = Path("/proc")
+
+
+def parse_stub(pid: int, argv: list[str]) -> Stub | None:
+    """The Stub of a process's argv, or None if it is not a Python-backend stub.
+
+    Triton 2.51 starts `triton_python_backend_stub <model_dir>/<version>/model.py <shm region> <shm size>
+    <shm growth> <parent pid> <backend dir> <ipc handle> <instance name> <runtime model dir>`.
+    """
+    if len(argv) < 9 or os.path.basename(argv[0]) != STUB:
+        return None
+    model_file = Path(argv[1])
+    return Stub(pid, model_file.parent.parent.name, argv[8])
+
+
+def find_stubs(server_pid: int, proc: Path = Path("/proc")) -> dict[int, Stub]:
+    """The live (not zombie) stub processes whose parent is `server_pid`, by PID."""
+    stubs = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
+        state, ppid = stat[stat.rfind(")") + 2:].split()[:2]
+        if int(ppid) != server_pid or state in ("Z", "X"):
+            continue
+        stub = parse_stub(int(entry.name), [a.decode(errors="replace") for a in argv if a])
+        if stub is not None:
+            stubs[stub.pid] = stub
+    return stubs
+
+
+def triton_pid(pid: int, proc: Path = Path("/proc")) -> int:
+    """The tritonserver process of `pid`: `pid` itself, or its tritonserver child when `pid` is a supervisor."""
+    def name(entry: Path) -> str:
+        try:
+            return os.path.basename((entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+        except OSError:
+            return ""
+
+    if name(proc / str(pid)) == "tritonserver":
+        return pid
+    for entry in proc.iterdir():
+        if entry.name.isdigit() and name(entry) == "tritonserver":
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
+                return int(entry.name)
+    return pid
+
+
+@dataclass
+class StubWatch:
+    """Which models lost a stub since the last look: plain bookkeeping, fed with observations."""
+
+    known: dict[str, set[int]] = field(default_factory=dict)  # model -> stub PIDs seen while it was READY
+
+    def update(self, stubs: dict[int, Stub], states: dict[str, str]) -> dict[str, list[int]]:
+        """Record `stubs` (the live ones) and the models' `states`; returns {model: [dead PIDs]} for every READY
+        model with a stub that was seen before and is gone. Models not READY (loading, unloading, unloaded by an
+        operator) are forgotten: their stubs come and go on purpose."""
+        live: dict[str, set[int]] = {}
+        for stub in stubs.values():
+            live.setdefault(stub.model, set()).add(stub.pid)
+        dead = {}
+        for model in list(self.known):
+            if states.get(model) != "READY":
+                del self.known[model]
+            elif self.known[model] - live.get(model, set()):
+                dead[model] = sorted(self.known.pop(model) - live.get(model, set()))
+        for model, pids in live.items():
+            if states.get(model) == "READY" and model not in dead:
+                self.known.setdefault(model, set()).update(pids)
+        return dead
+
+
+class Triton:
+    """The few calls of Triton's HTTP API the supervisor needs (stdlib only: the container has no tritonclient)."""
+
+    def __init__(self, url: str):
+        self.base = url if url.startswith("http") else f"http://{url}"
+
+    def _call(self, method: str, path: str, timeout: float) -> bytes:
+        request = urllib.request.Request(self.base + path, method=method, data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+
+    def states(self, timeout: float = 5.0) -> dict[str, str]:
+        """{model: state} of the repository index (READY, LOADING, UNLOADING, UNAVAILABLE)."""
+        index = json.loads(self._call("POST", "/v2/repository/index", timeout) or b"[]")
+        return {m["name"]: m.get("state", "") for m in index}
+
+    def ready(self, timeout: float = 5.0) -> bool:
+        try:
+            self._call("GET", "/v2/health/ready", timeout)
+            return True
+        except (OSError, urllib.error.HTTPError):
+            return False
+
+    def reload(self, model: str, timeout: float) -> None:
+        """Unload `model`, wait until it is gone, then load it (returns when it is READY; raises otherwise)."""
+        self._call("POST", f"/v2/repository/models/{model}/unload", timeout)
+        deadline = time.monotonic() + timeout
+        while self.states().get(model) == "UNLOADING":  # unload returns at once; load must not overlap it
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model} did not finish unloading in {timeout:g} s")
+            time.sleep(0.2)
+        self._call("POST", f"/v2/repository/models/{model}/load", timeout)
+
+
+def check(url: str) -> tuple[bool, str]:
+    """Whether the server at `url` can serve every model of its repository: (ok, one line saying why not)."""
+    triton = Triton(url)
+    try:
+        states = triton.states()
+    except (OSError, ValueError) as exc:
+        return False, f"server at {url} unreachable: {exc}"
+    not_ready = {m: s or "UNAVAILABLE" for m, s in states.items() if s != "READY"}
+    if not_ready:
+        return False, "models not ready: " + ", ".join(f"{m} ({s})" for m, s in sorted(not_ready.items()))
+    if not triton.ready():
+        return False, "server not ready"
+    return True, f"ready: {', '.join(sorted(states))}"
+
+
+class Supervisor:
+    """Watches the stubs of one running tritonserver and reloads every model that lost one."""
+
+    def __init__(self, server_pid: int, options: SupervisorOptions | None = None, triton: Triton | None = None):
+        self.server_pid = server_pid
+        self.options = options = options or SupervisorOptions()
+        self.triton = triton or Triton(options.url)
+        self.watch = StubWatch()
+        self.recovering: set[str] = set()
+        self.recoveries = 0  # reloads that brought a model back
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def poll(self) -> None:
+        """One look: find dead stubs and start a reload for each model that lost one."""
+        stubs = find_stubs(self.server_pid, self.options.proc)
+        try:
+            states = self.triton.states()
+        except (OSError, ValueError):
+            return  # not serving yet (loading at start) or shutting down: nothing to compare against
+        with self.lock:
+            states = {m: ("RECOVERING" if m in self.recovering else s) for m, s in states.items()}
+            dead = self.watch.update(stubs, states)
+            for model, pids in dead.items():
+                log.error("stub process %s of model %r died: reloading the model", pids, model)
+                self.recovering.add(model)
+                threading.Thread(target=self.recover, args=(model,), name=f"recover-{model}", daemon=True).start()
+
+    def recover(self, model: str) -> None:
+        """Reload `model` until it is READY again (or the supervisor stops), backing off between failures."""
+        attempt = 0
+        try:
+            while not self.stopping.is_set():
+                started = time.monotonic()
+                try:
+                    self.triton.reload(model, self.options.load_timeout)
+                    self.recoveries += 1
+                    log.warning("model %r reloaded in %.1f s after its stub died", model, time.monotonic() - started)
+                    return
+                except (OSError, ValueError) as exc:
+                    delay = self.options.retry_delays[min(attempt, len(self.options.retry_delays) - 1)]
+                    attempt += 1
+                    log.error("reloading model %r failed (attempt %d): %s; retrying in %g s", model, attempt,
+                              _reason(exc), delay)
+                    self.stopping.wait(delay)
+        finally:
+            with self.lock:
+                self.recovering.discard(model)
+
+    def run(self, alive: Callable[[], bool]) -> None:
+        """Poll every `interval` seconds while `alive()` and not stopping."""
+        while alive() and not self.stopping.is_set():
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad look
+                log.exception("supervisor poll failed")
+            self.stopping.wait(self.options.interval)
+
+
+def http_url(command: list[str]) -> str:
+    """The loopback HTTP address of the tritonserver `command` (its --http-port, default 8000)."""
+    return f"127.0.0.1:{_flag(command, '--http-port', '8000')}"
+
+
+def model_control(command: list[str]) -> str:
+    """The --model-control-mode of the tritonserver `command` (default none)."""
+    return _flag(command, "--model-control-mode", "none")
+
+
+def _flag(command: list[str], name: str, default: str) -> str:
+    """The last value of `name` in `command`, given as `name=value` or `name value` (getopt's two forms)."""
+    value = default
+    for i, arg in enumerate(command):
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == name and i + 1 < len(command):
+            value = command[i + 1]
+    return value
+
+
+def run(command: list[str], options: SupervisorOptions) -> int:
+    """Start `command` (tritonserver), supervise its stubs until it exits; returns its exit status."""
+    if model_control(command) != "explicit":
+        log.warning("tritonserver runs without --model-control-mode=explicit: a dead stub will be reported "
+                    "but cannot be repaired (add --model-control-mode=explicit --load-model=*)")
+    server = subprocess.Popen(command)
+    supervisor = Supervisor(server.pid, options)
+    exit_status: list[int] = []
+
+    def forward(signum, _frame):
+        supervisor.stopping.set()  # stubs die on shutdown: not a failure to repair
+        if server.poll() is None:
+            server.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+
+    def alive() -> bool:
+        # Reap every exited child: as a container's PID 1 we inherit the orphans of tritonserver too.
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return not exit_status
+            if pid == 0:
+                return not exit_status
+            if pid == server.pid:
+                exit_status.append(os.waitstatus_to_exitcode(status))
+                server.returncode = exit_status[0]
+
+    log.info("supervising tritonserver (pid %d) at %s", server.pid, options.url)
+    supervisor.run(alive)
+    supervisor.stopping.set()
+    if not exit_status:
+        exit_status.append(server.wait())
+    code = exit_status[0]
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        try:
+            return f"HTTP {exc.code}: {json.loads(exc.read()).get('error', '')}"
+        except (OSError, ValueError):
+            return f"HTTP {exc.code}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s trident-supervisor %(levelname)s: %(message)s")
+    if argv[:1] == ["check"]:
+        parser = argparse.ArgumentParser(prog="python -m trident_serving.supervisor check",
+                                         description="Exit 0 if the server is ready and every model is READY.")
+        parser.add_argument("--url", default="127.0.0.1:8000", help="HTTP address (default 127.0.0.1:8000)")
+        args = parser.parse_args(argv[1:])
+        ok, message = check(args.url)
+        print(message, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    if "--" not in argv:
+        print(__doc__.split("\n\n")[0] + "\nusage: python -m trident_serving.supervisor [--interval S] -- "
+              "tritonserver ARGS...\n       python -m trident_serving.supervisor check [--url HOST:PORT]",
+              file=sys.stderr)
+        return 2
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(prog="python -m trident_serving.supervisor")
+    parser.add_argument("--interval", type=float, default=SupervisorOptions.interval,
+                        help="seconds between looks at the stub processes (default 1)")
+    parser.add_argument("--load-timeout", type=float, default=SupervisorOptions.load_timeout)
+    args = parser.parse_args(argv[:split])
+    command = argv[split + 1:]
+    options = SupervisorOptions(url=http_url(command), interval=args.interval, load_timeout=args.load_timeout)
+    return run(command, options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

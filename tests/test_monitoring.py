@@ -1,0 +1,334 @@
+"""Monitoring against the real server: Prometheus (Debian's package) scraping the test server while requests
+flow, every expression of the Grafana dashboard answered by Prometheus' HTTP API, Trident's model-level
+metrics equal to what the test sent, and `trident stats` showing the batching.
+
+Set TRIDENT_DASHBOARD_PNG=path to also render the dashboard's panels from this run's Prometheus data into a
+PNG (how docs/dashboard.png is made; see the README, "Monitoring").
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ultralytics.utils import ASSETS
+
+from trident import InvalidInputError
+from trident import stats as trident_stats
+
+from conftest import DATA, ROOT, free_port, selected_models
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "trident.json"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+RATE_WINDOW = "30s"  # stands for Grafana's $__rate_interval: covers the whole traffic burst at 1 s scrapes
+# Which model's export an expression's metrics need, by metric name prefix (others: every server has them).
+NEEDS = {"trident_detect_": "yolo", "trident_easyocr_": "easyocr", "trident_whisper_": "whisper"}
+DETECT_IMAGES = 16
+OCR_IMAGES = ["ocr_en_sign.jpg", "ocr_ko_mixed.png", "ocr_en_sizes.png", "ocr_banner_wide.png"]
+WHISPER_SECONDS = (1.5, 2.5)  # two short clips decoded greedily: the cheapest real traffic
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} not found: install Debian's `prometheus` package (make system-deps)")
+    return path
+
+
+def test_promtool_accepts_the_shipped_config():
+    result = subprocess.run([need("promtool"), "check", "config", str(PROMETHEUS_CONFIG)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+    # The compose service names Triton `triton`; its metrics port inside the container is 8002.
+    assert '"triton:8002"' in PROMETHEUS_CONFIG.read_text()
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query of the dashboard, Grafana variables substituted."""
+    found = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", RATE_WINDOW).replace("$model", ".*")
+            assert "$" not in expr, f"unsubstituted variable in {panel['title']!r}: {expr}"
+            found.append((panel["title"], expr))
+    return found
+
+
+def test_dashboard_covers_the_issue():
+    """Panels the dashboard must have (and Triton's own dashboard lacks): batch size, percentiles, failures."""
+    exprs = " ".join(e for _, e in dashboard_expressions())
+    for needle in ["nv_inference_count", "nv_inference_exec_count", 'quantile="0.99"', 'quantile="0.5"',
+                   "nv_inference_request_failure", "nv_inference_pending_request_count",
+                   "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
+                   "nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
+                   "nv_gpu_power_usage", "nv_cpu_utilization", "nv_cpu_memory_used_bytes"]:
+        assert needle in exprs, needle
+    from trident_serving.metrics import CATALOGUE
+
+    for spec in CATALOGUE:
+        assert spec.name in exprs, f"{spec.name} has no panel"
+
+
+class Prometheus:
+    """A real Prometheus on loopback scraping the test server's metrics port every second."""
+
+    def __init__(self, metrics_port: int, folder: Path):
+        self.port = free_port()
+        self.started = time.time()  # reset when traffic starts: where the rendered picture begins
+        config = folder / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+            "scrape_configs:\n"
+            f"  - job_name: triton\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n")
+        self.process = subprocess.Popen(
+            [need("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
+            stdout=subprocess.DEVNULL, stderr=open(folder / "prometheus.log", "wb"))
+        deadline = time.monotonic() + 30
+        while not self.ready():
+            assert self.process.poll() is None, (folder / "prometheus.log").read_text()
+            assert time.monotonic() < deadline, "prometheus did not become ready"
+            time.sleep(0.2)
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params) -> dict:
+        """GET /api/v1/<path>; a PromQL error comes back as {'status': 'error', ...}."""
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:  # 400 bad_data / 422 execution errors carry a JSON body
+            return json.load(exc)
+
+    def scraped_up(self) -> bool:
+        result = self.api("query", query='up{job="triton"}')["data"]["result"]
+        return bool(result) and result[0]["value"][1] == "1"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def traffic(triton, tmp_path_factory):
+    """Prometheus started, then every exported model's traffic sent while it scrapes.
+
+    Returns (prometheus, metrics before, metrics after, what was sent)."""
+    prometheus = Prometheus(triton.options.metrics_port, tmp_path_factory.mktemp("prometheus"))
+    try:
+        deadline = time.monotonic() + 20
+        while not prometheus.scraped_up():
+            assert time.monotonic() < deadline, "prometheus never scraped the test server"
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{triton.options.metrics_port}/metrics"
+        prometheus.started = time.time()
+        before = trident_stats.scrape(url)
+        client = triton.client("grpc")
+        sent: dict = {}
+        models = selected_models()
+        with ThreadPoolExecutor(3) as pool:
+            jobs = {}
+            if "yolo" in models:
+                images = [ASSETS / name for name in ("bus.jpg", "zidane.jpg")] * (DETECT_IMAGES // 2)
+                jobs["detect"] = pool.submit(client.detect_many, images, concurrency=8)
+            if "easyocr" in models:
+                jobs["easyocr"] = pool.submit(client.read_text_many, [DATA / n for n in OCR_IMAGES], concurrency=4)
+            if "whisper" in models:
+                rng = np.random.default_rng(0)
+                clips = [(0.1 * rng.standard_normal(int(16000 * s))).astype(np.float32) for s in WHISPER_SECONDS]
+                jobs["whisper"] = pool.submit(client.transcribe_many, clips, temperature=[0.0], concurrency=2)
+            sent = {name: job.result() for name, job in jobs.items()}
+        if "yolo" in models:
+            with pytest.raises(InvalidInputError):  # one failure for the failure panels
+                client.detect(b"not an image")
+        time.sleep(3)  # a few more scrapes after the last request (Triton refreshes CPU metrics every 2 s)
+        after = trident_stats.scrape(url)
+        yield prometheus, before, after, sent
+    finally:
+        prometheus.stop()
+
+
+def delta(before, after, name: str, **labels) -> float:
+    return after.total(name, **labels) - before.total(name, **labels)
+
+
+@pytest.mark.yolo
+def test_every_dashboard_expression_returns_series(traffic):
+    prometheus, _, _, _ = traffic
+    models = selected_models()
+    empty, checked = [], 0
+    for title, expr in dashboard_expressions():
+        answer = prometheus.api("query", query=expr)
+        assert answer["status"] == "success", f"{title!r}: {expr}: {answer.get('error')}"
+        needs = [model for prefix, model in NEEDS.items() if prefix in expr]
+        if "nv_gpu_" in expr or any(model not in models for model in needs):
+            continue  # no GPU here / that model is not exported in this run: valid syntax is all we can check
+        checked += 1
+        if not answer["data"]["result"]:
+            empty.append(f"{title!r}: {expr}")
+    assert not empty, "expressions without a series:\n" + "\n".join(empty)
+    assert checked >= 20
+
+
+@pytest.mark.yolo
+def test_detect_images_per_bls_call(traffic):
+    _, before, after, sent = traffic
+    assert len(sent["detect"]) == DETECT_IMAGES
+    images = delta(before, after, "trident_detect_bls_call_images_sum", model="detect")
+    calls = delta(before, after, "trident_detect_bls_call_images_count", model="detect")
+    executions = delta(before, after, "nv_inference_exec_count", model="detect")
+    assert images == DETECT_IMAGES  # the bad image failed before the BLS call...
+    assert calls == executions - 1  # ...alone, in an execution of its own, which called nothing
+    assert calls == delta(before, after, "nv_inference_exec_count", model="yolov8")
+    assert images / calls > 1, "8 concurrent requests should have been batched"
+    # The bad image was answered INVALID_ARG by the model: Triton counts it a success, Trident an error.
+    assert delta(before, after, "nv_inference_request_success", model="detect") == DETECT_IMAGES + 1
+    assert delta(before, after, "trident_request_errors_total", model="detect", code="INVALID_ARG") == 1
+    assert delta(before, after, "trident_request_errors_total", model="detect") == 1
+
+
+@pytest.mark.yolo
+@pytest.mark.easyocr
+def test_easyocr_text_crops_per_batch(traffic):
+    _, before, after, sent = traffic
+    lines = sum(len(result) for result in sent["easyocr"])
+    assert lines > len(OCR_IMAGES)  # not vacuous: the synthetic recogniser reads boxes on these images
+    assert delta(before, after, "trident_easyocr_batch_text_crops_sum", model="easyocr") == lines
+    assert delta(before, after, "trident_easyocr_batch_text_crops_count", model="easyocr") == \
+        delta(before, after, "nv_inference_exec_count", model="easyocr")
+
+
+@pytest.mark.yolo
+def test_trident_stats_shows_the_batching(triton):
+    """`trident stats --watch --json` over a burst of concurrent requests, then the table since start."""
+    url = f"http://127.0.0.1:{triton.options.metrics_port}/metrics"
+    cli = str(Path(sys.executable).parent / "trident")
+    watch = subprocess.Popen([cli, "stats", "--metrics-url", url, "--interval", "1", "--watch", "--json"],
+                             stdout=subprocess.PIPE, text=True)
+    rows = []  # detect's line of each report from the burst on
+    try:
+        json.loads(watch.stdout.readline())  # the first interval is over: what follows sees the burst
+        triton.client("grpc").detect_many([ASSETS / "bus.jpg"] * 12, concurrency=6)
+        while sum(m["inferences_per_s"] * m["seconds"] for m in rows) < 11.5 and len(rows) < 120:
+            report = json.loads(watch.stdout.readline())  # one per second, queued in the pipe meanwhile
+            rows += [{**m, "seconds": report["seconds"]} for m in report["models"] if m["model"] == "detect"]
+    finally:
+        watch.terminate()
+        watch.wait(timeout=10)
+    inferences = sum(m["inferences_per_s"] * m["seconds"] for m in rows)
+    executions = sum(m["executions_per_s"] * m["seconds"] for m in rows)
+    assert round(inferences) == 12
+    assert executions < inferences  # batched: fewer executions than requests
+    assert any(m["avg_batch"] and m["avg_batch"] > 1 for m in rows)
+    assert any(m["extra"].get("trident_detect_bls_call_images (average)", 0) > 1 for m in rows)
+
+    table = subprocess.run([cli, "stats", "--metrics-url", url, "--interval", "0"], capture_output=True, text=True,
+                           check=True).stdout
+    print(table)
+    header = table.splitlines()[1].split()
+    row = next(line.split() for line in table.splitlines() if line.startswith("detect "))
+    assert float(row[header.index("batch")]) > 1
+    assert "GPU" in table and "CPU: utilisation" in table
+
+
+@pytest.mark.yolo
+@pytest.mark.whisper
+def test_whisper_worker_metrics(traffic):
+    """The continuous-batching worker, invisible to Triton's timing, seen through its own metrics."""
+    _, before, after, sent = traffic
+    assert len(sent["whisper"]) == len(WHISPER_SECONDS)
+    audio = delta(before, after, "trident_whisper_transcribed_audio_seconds_total", model="whisper")
+    assert audio == pytest.approx(sum(WHISPER_SECONDS), abs=0.02)
+    steps = delta(before, after, "trident_whisper_step_windows_count", model="whisper")
+    windows = delta(before, after, "trident_whisper_step_windows_sum", model="whisper")
+    assert steps >= 1 and windows >= len(WHISPER_SECONDS)  # each clip is at least one 30 s window
+    assert delta(before, after, "trident_whisper_temperature_fallbacks_total", model="whisper") == 0  # greedy only
+    assert after.total("trident_whisper_active_transcriptions", model="whisper") == 0  # all answered
+    assert after.total("trident_whisper_queued_audio_seconds", model="whisper") == 0
+
+
+@pytest.mark.yolo
+@pytest.mark.skipif(not os.environ.get("TRIDENT_DASHBOARD_PNG"), reason="set TRIDENT_DASHBOARD_PNG=path to render")
+def test_render_dashboard_png(traffic):
+    """The dashboard's panels drawn with matplotlib from this run's Prometheus data (runs last in the module:
+    both bursts of traffic above are in the picture)."""
+    prometheus = traffic[0]
+    time.sleep(5)  # a few idle scrapes after the last burst
+    render_dashboard(prometheus, prometheus.started - 5, time.time(), Path(os.environ["TRIDENT_DASHBOARD_PNG"]))
+
+
+def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Path) -> None:
+    """Lay the panels out on Grafana's 24-column grid and plot each query's series over [start, end]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
+    unit_h = 0.36  # inches per grid row
+    fig = plt.figure(figsize=(24, bottom * unit_h + 0.8), facecolor="#111217")
+    fig.suptitle(f"Trident dashboard: Prometheus data of a test run ({time.strftime('%Y-%m-%d', time.gmtime(end))}, "
+                 "local CPU server, synthetic weights; rendered by tests/test_monitoring.py)",
+                 color="#d8d9da", fontsize=13, x=0.01, ha="left")
+    top = 1 - 0.8 / (bottom * unit_h + 0.8)
+    for panel in panels:
+        g = panel["gridPos"]
+        box = [g["x"] / 24 + 0.003, top - (g["y"] + g["h"]) / bottom * top + 0.004, g["w"] / 24 - 0.006,
+               g["h"] / bottom * top - 0.008]
+        if panel["type"] == "row":
+            fig.text(box[0], box[1] + box[3] / 2, panel["title"], color="#d8d9da", fontsize=12, weight="bold",
+                     va="center")
+            continue
+        ax = fig.add_axes(box, facecolor="#181b1f")
+        ax.set_title(panel["title"], color="#d8d9da", fontsize=9, loc="left")
+        ax.tick_params(colors="#8e8e8e", labelsize=7)
+        for spine in ax.spines.values():
+            spine.set_color("#2c3235")
+        unit = panel["fieldConfig"]["defaults"].get("unit", "")
+        lines = 0
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "5s").replace("$model", ".*")
+            answer = prometheus.api("query_range", query=expr, start=start, end=end, step=1)
+            for series in answer.get("data", {}).get("result", []):
+                t = np.array([float(v[0]) for v in series["values"]]) - start
+                y = np.array([float(v[1]) for v in series["values"]])
+                label = re.sub(r"{{(\w+)}}", lambda m: series["metric"].get(m.group(1), ""), target["legendFormat"])
+                if panel["type"] == "stat":
+                    last = y[np.isfinite(y)][-1] if np.isfinite(y).any() else float("nan")
+                    text = f"{100 * last:.1f} %" if unit == "percentunit" else f"{last:.3g}"
+                    ax.text(0.5, 0.45, text, color="#73bf69", fontsize=22, ha="center", va="center",
+                            transform=ax.transAxes)
+                else:
+                    ax.plot(t, y, linewidth=1.2, label=label)
+                lines += 1
+        if panel["type"] == "stat":
+            ax.set_xticks([])
+            ax.set_yticks([])
+        elif lines:
+            ax.set_xlabel("seconds", color="#8e8e8e", fontsize=7)
+            ax.set_ylabel(unit, color="#8e8e8e", fontsize=7)
+            ax.legend(fontsize=6, loc="upper right", facecolor="#181b1f", labelcolor="#d8d9da", framealpha=0.6)
+        if not lines:
+            reason = "no GPU on this machine" if "GPU" in panel["title"] else "no data in this run"
+            ax.text(0.5, 0.5, reason, color="#8e8e8e", fontsize=9, ha="center", va="center", transform=ax.transAxes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, facecolor=fig.get_facecolor())
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""Stub death and recovery (trident_serving.supervisor): the bookkeeping on real processes, then a real server
+whose stubs are SIGKILLed under load (a server of its own: the shared test server must not lose stubs)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from trident import InvalidInputError, ServerError, ServerUnavailableError
+from trident_serving import server, supervisor
+from trident_serving.supervisor import STUB, Stub, StubWatch, find_stubs, parse_stub
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def stub_argv(repo: Path, model: str, instance: str) -> list[str]:
+    """A stub's command line as Triton 2.51 writes it."""
+    return [f"/opt/tritonserver/backends/python/{STUB}", f"{repo}/{model}/1/model.py",
+            "triton_python_backend_shm_region_0f3c", "67108864", "67108864", "4242",
+            "/opt/tritonserver/backends/python", "336", instance, "DEFAULT"]
+
+
+def test_parse_stub():
+    assert parse_stub(7, stub_argv(Path("/models"), "my_model_2", "my_model_2_0_1")) == Stub(7, "my_model_2",
+                                                                                          "my_model_2_0_1")
+    assert parse_stub(7, ["/usr/bin/python3", "-m", "trident_serving.server"]) is None
+    assert parse_stub(7, stub_argv(Path("/models"), "m", "m_0_0")[:5]) is None
+
+
+@pytest.fixture
+def fake_stubs(tmp_path):
+    """Start real processes whose command lines are stubs' (a Python symlinked under the stub's name runs a
+    sleeping model.py), children of this test process; yields a start function, kills them all at the end."""
+    binary = tmp_path / STUB
+    binary.symlink_to(sys.executable)
+    started = []
+
+    def start(model: str, instance: str) -> subprocess.Popen:
+        script = tmp_path / model / "1" / "model.py"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text("import time\ntime.sleep(120)\n")
+        argv = stub_argv(tmp_path, model, instance)
+        process = subprocess.Popen([str(binary), str(script), *argv[2:]])
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def test_find_stubs_sees_only_live_stubs_of_its_server(fake_stubs):
+    whisper, ocr = fake_stubs("whisper", "whisper_0_0"), fake_stubs("easyocr", "easyocr_0_0")
+    deadline = time.monotonic() + 10
+    while len(find_stubs(os.getpid())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert find_stubs(os.getpid()) == {whisper.pid: Stub(whisper.pid, "whisper", "whisper_0_0"),
+                                       ocr.pid: Stub(ocr.pid, "easyocr", "easyocr_0_0")}
+    assert find_stubs(os.getppid()) == {}  # another server's stubs are not ours
+    whisper.send_signal(signal.SIGKILL)
+    stat = Path(f"/proc/{whisper.pid}/stat")
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # not reaped: a zombie keeps its /proc entry...
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert set(find_stubs(os.getpid())) == {ocr.pid}  # ...and is not a live stub
+
+
+def stubs(*items: tuple[int, str]) -> dict[int, Stub]:
+    return {pid: Stub(pid, model, f"{model}_0_{pid}") for pid, model in items}
+
+
+def test_stub_watch():
+    watch = StubWatch()
+    ready = {"whisper": "READY", "easyocr": "READY"}
+    assert watch.update(stubs((1, "whisper"), (2, "easyocr"), (3, "easyocr")), ready) == {}
+    assert watch.update(stubs((1, "whisper"), (2, "easyocr")), ready) == {"easyocr": [3]}  # one of two instances
+    # the model is being reloaded: its stubs come and go without being deaths
+    assert watch.update(stubs((1, "whisper")), {**ready, "easyocr": "UNLOADING"}) == {}
+    assert watch.update(stubs((1, "whisper"), (4, "easyocr")), {**ready, "easyocr": "LOADING"}) == {}
+    assert watch.update(stubs((1, "whisper"), (4, "easyocr")), ready) == {}
+    assert watch.update(stubs((4, "easyocr")), ready) == {"whisper": [1]}
+    assert watch.update(stubs((4, "easyocr")), ready) == {}  # reported once
+    # an operator unloads a model: not a death either
+    assert watch.update(stubs(), {"whisper": "READY", "easyocr": "UNAVAILABLE"}) == {}
+
+
+@pytest.mark.parametrize("command, status", [("exit 3", 3), ("kill -9 $$", 137), ("exit 0", 0)])
+def test_supervisor_returns_the_servers_exit_status(command, status):
+    done = subprocess.run([sys.executable, "-m", "trident_serving.supervisor", "--", "sh", "-c", command],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == status
+    assert "without --model-control-mode=explicit" in done.stderr  # says it cannot repair this server
+
+
+def test_supervisor_forwards_sigterm():
+    process = subprocess.Popen([sys.executable, "-m", "trident_serving.supervisor", "--", "sleep", "60"],
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(line for line in [process.stderr.readline()] if "supervising" in line):
+        assert time.monotonic() < deadline
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+
+
+def test_supervisor_arguments():
+    command = ["tritonserver", "--model-repository=/models", "--http-port=9000", "--model-control-mode=explicit"]
+    assert supervisor.http_url(command) == "127.0.0.1:9000"
+    assert supervisor.http_url(["tritonserver", "--http-port", "9001"]) == "127.0.0.1:9001"
+    assert supervisor.http_url(["tritonserver"]) == "127.0.0.1:8000"
+    assert supervisor.model_control(command) == "explicit"
+    assert supervisor.main([]) == 2  # usage
