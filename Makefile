@@ -15,7 +15,7 @@ WEIGHTS ?= official
 WHISPER_SIZE ?= small
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps export serve stop status demo test clean perf gpu-bundle engines deploy down logs
+.PHONY: venv system-deps export serve stop status demo test clean perf gpu-bundle engines deploy down logs fuzz soak
 .DEFAULT_GOAL := demo
 
 venv: $(VENV)/.installed
@@ -104,6 +104,17 @@ logs:
 MODE ?=
 perf: venv system-deps
 	$(PY) -m perf $(if $(MODE),--mode $(MODE))
+
+# Robustness (README "Fuzzing and soak"): a server on free loopback ports, synthetic weights exported into
+# perf/results/repository-cpu unless present. `make fuzz N=1000`: mutated inputs to every model, no crash allowed;
+# `make soak SOAK_SECONDS=600`: all models at concurrency 32, no failed request allowed, p99 and server memory.
+N ?= 200
+SOAK_SECONDS ?= 600
+fuzz: venv
+	$(PY) -m perf.fuzz -n $(N)
+
+soak: venv
+	$(PY) -m perf.soak --seconds $(SOAK_SECONDS)
 
 # Files to copy to a GPU machine without Docker or a package index (perf/gpu/README.md): .carry/gpu-1, .carry/gpu-2
 gpu-bundle: venv

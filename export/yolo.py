@@ -192,10 +192,13 @@ optimization {{ execution_accelerators {{ gpu_execution_accelerator [ {{
   parameters {{ key: "trt_profile_opt_shapes" value: "{shape.format(opt_batch_size(max_batch_size))}" }}
   parameters {{ key: "trt_profile_max_shapes" value: "{shape.format(max_batch_size)}" }}
 }} ] }} }}"""
-    # Warm-up: zeros are as good as an image for a fixed-shape network; batch 1 and the largest batch.
+    # Warm-up: zeros are as good as an image for a fixed-shape network. On a GPU, batch 1 and the largest batch
+    # (kernel selection, the allocator's pools, TensorRT's profile); on a CPU there is nothing lazy to front-load
+    # and a batch of 64 images costs ~0.5 TFLOP at every start, so batch 1 only.
+    batches = sorted({1, max_batch_size}) if kind == "gpu" else [1]
     warmup = ",\n".join(
         f'  {{ name: "batch{batch}" batch_size: {batch} inputs {{ key: "images" value {{ data_type: TYPE_FP32 '
-        f'dims: [ 3, {IMGSZ}, {IMGSZ} ] zero_data: true }} }} }}' for batch in sorted({1, max_batch_size}))
+        f'dims: [ 3, {IMGSZ}, {IMGSZ} ] zero_data: true }} }} }}' for batch in batches)
     # ultralytics' client parses this as a Python literal (ast.literal_eval), hence repr().
     return f"""name: "yolov8"
 {backend}

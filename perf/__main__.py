@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         input_sets=dict(item.split("=", 1) for item in args.input_set), baselines=not args.no_baselines)
     if args.baseline_seconds is not None:
         options.baseline_seconds = args.baseline_seconds
-    elif mode == "smoke":
-        options.baseline_seconds = 1.0
+    elif mode in ("smoke", "gpu"):
+        options.baseline_seconds = 1.0 if mode == "smoke" else 5.0
     notes = []
     if "whisper" in models and "off" in options.batching and not suite.whisper_off_supported(repository):
         notes.append("whisper's model does not read `max_windows_per_step` yet: its 'off' run only turns "

@@ -74,15 +74,32 @@ def yolo_predict(repository: Path, files: list[Path], min_seconds: float, max_ca
     return f"ultralytics YOLO.predict ({library})", latencies
 
 
-def onnx_run(repository: Path, files: list[Path], min_seconds: float, max_calls: int) -> tuple[str, list[float]]:
-    """onnxruntime `InferenceSession.run` on one letterboxed image at a time (what the python flavour runs)."""
-    import onnxruntime
-
+def network_run(repository: Path, files: list[Path], min_seconds: float,
+                max_calls: int) -> tuple[str, list[float]]:
+    """The raw network on one letterboxed image at a time: onnxruntime `run` on the repository's `model.onnx`
+    on CPU (what the python flavour serves); on a GPU the exported checkpoint's PyTorch module in fp16."""
     from .inputs import letterboxed
+
+    tensors = [letterboxed(f.read_bytes())[None] for f in files]
+    if device() == "cuda":
+        import torch
+        from ultralytics import YOLO
+
+        weights = json.loads((repository / "export.json").read_text())["yolov8"]["weights"]
+        model = YOLO(weights, task="detect").model.fuse().eval().half().cuda()
+        batches = [torch.from_numpy(t).cuda().half() for t in tensors]
+
+        def forward(x):
+            with torch.inference_mode():
+                model(x)
+            torch.cuda.synchronize()
+
+        return "PyTorch DetectionModel forward (batch 1, fp16, cuda)", measure(forward, batches, min_seconds,
+                                                                               max_calls)
+    import onnxruntime
 
     session = onnxruntime.InferenceSession(str(repository / "yolov8" / "1" / "model.onnx"),
                                            providers=["CPUExecutionProvider"])
-    tensors = [letterboxed(f.read_bytes())[None] for f in files]
     latencies = measure(lambda x: session.run(["output0"], {"images": x}), tensors, min_seconds, max_calls)
     return "onnxruntime InferenceSession.run (batch 1, cpu)", latencies
 
@@ -124,7 +141,7 @@ def easyocr_readtext(repository: Path, files: list[Path], min_seconds: float,
     return f"easyocr Reader.readtext ({dev})", latencies
 
 
-BASELINES = {"detect": yolo_predict, "yolov8": onnx_run, "whisper": whisper_transcribe, "easyocr": easyocr_readtext}
+BASELINES = {"detect": yolo_predict, "yolov8": network_run, "whisper": whisper_transcribe, "easyocr": easyocr_readtext}
 
 
 def run(model: str, input_set: InputSet, manifest: Manifest, repository: Path, min_seconds: float = 10.0,

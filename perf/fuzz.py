@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=FuzzOptions.concurrency)
     parser.add_argument("--url", help="gRPC address of a running server (default: start one)")
     parser.add_argument("--http-url", help="its HTTP address (default: the gRPC host, port 8000)")
+    parser.add_argument("--server-pid", type=int, help="with --url: its PID (or its supervisor's), so that stub "
+                        "deaths are seen even when the supervisor repairs them")
     parser.add_argument("--repository", type=Path, help="exported repository to serve (default: synthetic weights "
                         "exported into perf/results/repository-cpu)")
     parser.add_argument("--out", type=Path, default=ROOT / "perf" / "results" / "fuzz")
@@ -435,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
     with serving(args.url, args.http_url, args.repository, args.out / "server") as (grpc, http, pid):
-        options.url, options.http_url, options.server_pid = grpc, http, pid
+        options.url, options.http_url, options.server_pid = grpc, http, pid if pid is not None else args.server_pid
         started = time.perf_counter()
         outcomes, problems = run(options)
         result = summary(outcomes, problems)
@@ -463,7 +465,8 @@ class serving:
         from trident_serving import server
 
         repository = self.repository or ROOT / "perf" / "results" / "repository-cpu"
-        if not (repository / "export.json").exists():
+        manifest = repository / "export.json"
+        if not manifest.exists() or not {"yolov8", "whisper", "easyocr"} <= set(json.loads(manifest.read_text())):
             print(f"exporting synthetic weights into {repository} ...", flush=True)
             export(repository, "cpu", MODELS)
         self.options = server.ServerOptions(repository=repository, run_dir=self.run_dir, http_port=free_port(),

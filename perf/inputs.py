@@ -211,7 +211,8 @@ def generate(folder: Path = DEFAULT_DIR, pages: int = 4) -> Manifest:
         names.append(save(f"page_{i}.jpg", data))
     write_input_data(folder / "easyocr-pages.json", [{"IMAGE": serialize_bytes((folder / n).read_bytes())}
                                                      for n in names])
-    note = "~20 lines, Korean + English" if hangul else "~20 lines, English only (no Hangul font: apt install fonts-nanum)"
+    note = ("~20 lines, Korean + English" if hangul
+            else "~20 lines, English only (no Hangul font: apt install fonts-nanum)")
     manifest.sets["pages-1280x720"] = InputSet("pages-1280x720", "easyocr", names, "easyocr-pages.json", note=note)
     (folder / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=1, ensure_ascii=False))
     return manifest

@@ -1,14 +1,15 @@
 """`python -m perf.memory`: measure what one instance of each model costs on a GPU, for `python -m export plan`.
 
 For each model of an exported repository, alone (detect with its yolov8): copy it into a scratch repository
-with one KIND_GPU instance and no budget, start the server with TRIDENT_GPU_MEMORY_LOG set, and record
-NVML's per-process memory of the server and of each Python stub (their PIDs) once loaded and again after
-warming the model at its largest batch; the stubs add PyTorch's own counters (weights = allocated before the
-first request, peak allocated after). Written as JSON in the planner's `--measured` format:
+with one KIND_GPU instance and no budget, start the server with TRIDENT_GPU_MEMORY_LOG set, and record NVML's
+per-process memory of the server and of each Python stub (their PIDs) once loaded, after a batch of 1 and after
+the largest batch; the stubs that batch through `serve_batch` add PyTorch's counters per batch size. Written as
+JSON in the planner's `--measured` format:
 
-    context = stub's NVML memory - PyTorch reserved (once loaded)
-    weights = PyTorch allocated before any request
-    activations at the largest batch = NVML growth during the warm batch (reserved, what the process keeps)
+    weights     = PyTorch allocated before the first request
+    activations = line through PyTorch's peak per batch size less the weights (detect, easyocr); else
+                  NVML's growth from batch 1 to the largest batch (whisper's thread, onnxruntime's yolov8)
+    context     = the stub's NVML memory less PyTorch's reserved pool (median of those stubs for the others)
 
     python -m perf.memory --repo model_repository --out perf/results/memory.json
     python -m export plan --gpu-memory 80GiB --measured perf/results/memory.json
@@ -35,7 +36,6 @@ from export.plan import replace_block
 from trident_serving import gpu, plan as planner, server
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tests" / "data"
 TOGETHER = {"detect": ["yolov8", "detect"]}  # BLS: detect needs yolov8 loaded beside it
 
 
@@ -95,12 +95,11 @@ def burst(url: str, model: str, batch: int) -> None:
     if model == "whisper":
         audio = np.random.default_rng(0).uniform(-0.1, 0.1, 30 * 16000).astype(np.float32)
         call = lambda: client.transcribe(audio, temperature=[0.0])  # noqa: E731
-    elif model == "easyocr":
-        call = lambda: client.read_text(DATA / "ocr_en_sign.jpg")  # noqa: E731
-    else:
+    else:  # a 810x1080 street photo: a typical camera image for detection, a busy page for OCR
         from ultralytics.utils import ASSETS
 
-        call = lambda: client.detect(ASSETS / "bus.jpg")  # noqa: E731
+        image = (ASSETS / "bus.jpg").read_bytes()
+        call = (lambda: client.read_text(image)) if model == "easyocr" else (lambda: client.detect(image))
     with concurrent.futures.ThreadPoolExecutor(batch) as pool:
         for future in [pool.submit(call) for _ in range(batch)]:
             future.result()

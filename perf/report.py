@@ -184,7 +184,8 @@ def markdown(env: dict, table: list[dict], found: list[Baseline], sets: dict[str
         s = sets[name]
         lines.append(f"| {name} | {s['model']} | {len(s['files'])} ({', '.join(s['files'][:3])}) | {s['note']} |")
     lines += ["", "## Baselines (in-process, sequential)", "",
-              "| model | inputs | library | calls | req/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| model | inputs | library | calls | req/s | p50 ms | p99 ms |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for b in found:
         lines.append(f"| {b.model} | {b.input_set} | {b.library} | {b.calls} | {b.throughput:.2f} | "
                      f"{b.p50_ms:.1f} | {b.p99_ms:.1f} |")

@@ -146,10 +146,11 @@ class Replica:
         server.start(self.options)
 
     def kill(self) -> None:
-        """A crash: SIGKILL to the server and its stubs, no draining."""
+        """A crash: SIGKILL to the server and its stubs, no draining; returns once its ports are closed."""
         pid = server.running_pid(self.options)
         if pid:
             os.killpg(pid, signal.SIGKILL)
+        wait_for(lambda: not port_open(self.options.grpc_port), 10, f"{self.name} to die")
 
     def stop(self) -> None:
         server.stop(self.options)
@@ -552,25 +553,28 @@ def run(options: ScaleOutOptions, log=print) -> Report:
 
         # 4. a replica crashes mid-run behind the proxy.
         victim, survivors = replicas[-1], replicas[:-1]
-        killed_at: list[float] = []
+        killed_at: list[float] = []  # when the kill was sent, when the victim's ports were closed
         before = [r.successes() for r in survivors]
 
         def kill() -> None:
             killed_at.append(time.monotonic())
             victim.kill()
+            killed_at.append(time.monotonic())
 
         outcomes = client_load(f"127.0.0.1:{grpc_port}", options.concurrency, options.kill_seconds,
                                at=options.kill_after, action=kill)
         after = [r.successes() for r in survivors]
-        t_kill = killed_at[0]
+        # In flight at the kill: sent before the victim was gone, still unanswered when the kill was sent.
+        t_kill, t_dead = killed_at
         failed = [o for o in outcomes if not o.ok]
-        later = [o for o in outcomes if o.start > t_kill]
+        later = [o for o in outcomes if o.start > t_dead]
         report.kill = {
             "killed": victim.name,
+            "seconds_to_die": round(t_dead - t_kill, 3),
             "requests": len(outcomes),
             "failed": len(failed),
-            "failed_in_flight_at_kill": sum(o.start <= t_kill <= o.end for o in failed),
-            "failed_started_after_kill": sum(o.start > t_kill for o in failed),
+            "failed_in_flight_at_kill": sum(o.start <= t_dead and o.end >= t_kill for o in failed),
+            "failed_started_after_kill": sum(o.start > t_dead for o in failed),
             "started_after_kill": len(later),
             "succeeded_after_kill": sum(o.ok for o in later),
             "survivor_requests": sum(a - b for a, b in zip(after, before)),

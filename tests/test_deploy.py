@@ -72,7 +72,7 @@ def test_compose_file_validates_with_env_defaults():
     assert device["device_ids"] == [ENV["TRIDENT_GPUS"]]
     assert triton["shm_size"] == ENV["SHM_SIZE"]
     assert triton["ulimits"] == {"memlock": -1, "stack": 67108864}
-    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    assert triton["healthcheck"]["test"][1:4] == ["python3", "-m", "trident_serving.supervisor"]  # ready + models
     assert triton["restart"] == "unless-stopped"
     mounts = {v.split(":")[1]: v for v in triton["volumes"]}
     assert mounts["/models"].endswith(":ro"), "the model repository is mounted read-only"
@@ -81,7 +81,9 @@ def test_compose_file_validates_with_env_defaults():
 
 def test_compose_command_flags():
     command = compose_config()["services"]["triton"]["command"]
-    assert isinstance(command, list) and command[0] == "tritonserver"
+    assert isinstance(command, list) and command[:5] == ["python3", "-m", "trident_serving.supervisor", "--",
+                                                          "tritonserver"]
+    command = command[4:]
     flags = dict(arg.split("=", 1) for arg in command[1:])
     assert flags["--model-repository"] == "/models"
     assert "--metrics-config" in flags and flags["--metrics-config"] == "summary_latencies=true"
@@ -131,9 +133,10 @@ def warmup_file_size(data_type: int, dims, path: Path) -> None:
         assert len(content) == count * FP_BYTES[name], f"{path}: {len(content)} bytes for {name} {list(dims)}"
 
 
-def check_warmup(config: model_config_pb2.ModelConfig, folder: Path) -> None:
+def check_warmup(config: model_config_pb2.ModelConfig, folder: Path, largest: bool = True) -> None:
+    """Warm-up at batch 1 and (`largest`) at max_batch_size, every required input given, files well formed."""
     inputs = {t.name: t for t in config.input}
-    assert {w.batch_size for w in config.model_warmup} == {1, config.max_batch_size}
+    assert {w.batch_size for w in config.model_warmup} == ({1, config.max_batch_size} if largest else {1})
     for sample in config.model_warmup:
         required = {name for name, t in inputs.items() if not t.optional}
         assert required <= set(sample.inputs), f"{sample.name} lacks inputs {required - set(sample.inputs)}"
@@ -165,8 +168,8 @@ def test_every_yolov8_flavour_parses_with_the_same_signature():
     assert len(signatures) == 1
     assert rendered["tensorrt", "gpu"].platform == "tensorrt_plan"
     assert rendered["tensorrt", "gpu"].default_model_filename == "model.plan"
-    for config in rendered.values():
-        check_warmup(config, REPO / "yolov8")
+    for (flavour, kind), config in rendered.items():
+        check_warmup(config, REPO / "yolov8", largest=kind == "gpu")  # CPU: batch 1 only (export/yolo.py)
     trt = rendered["onnxruntime", "gpu"].optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert trt.name == "tensorrt"
     assert trt.parameters["trt_engine_cache_path"] == "/models/yolov8/trt_cache"

@@ -17,6 +17,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from perf import scaleout  # the repository root is on pytest's pythonpath (pytest.ini)
+
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 OVERLAYS = sorted(p.name for p in (KUBERNETES / "overlays").iterdir() if p.is_dir())
@@ -25,10 +27,9 @@ CUSTOM_KINDS = {"PodMonitor", "ServiceMonitor", "ScaledObject"}
 # A 30 s Whisper window: scaling must not react to one window's burst.
 WHISPER_WINDOW_S = 30
 
-from perf import scaleout  # the repository root is on pytest's pythonpath (pytest.ini)
-
 
 def render(overlay: str) -> list[dict]:
+    """The overlay's objects as `kubectl apply -k` would send them."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl (with its built-in Kustomize) is needed to render deploy/kubernetes")
@@ -38,7 +39,7 @@ def render(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-def by_kind(docs: list[dict]) -> dict[str, dict]:
+def by_kind(docs: list[dict]) -> dict[tuple[str, str], dict]:
     return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 
 

@@ -80,6 +80,33 @@ def test_dashboard_covers_the_issue():
         assert spec.name in exprs, f"{spec.name} has no panel"
 
 
+@pytest.mark.parametrize("server, expected", [
+    ("localhost", "http://localhost:8002/metrics"),
+    ("grpc://gpu-host:8001", "http://gpu-host:8002/metrics"),
+    ("http://10.0.0.5:8000/", "http://10.0.0.5:8002/metrics"),
+    ("[::1]:8001", "http://[::1]:8002/metrics"),
+])
+def test_stats_finds_the_metrics_endpoint_of_a_server_url(server, expected):
+    assert trident_stats.metrics_url(server) == expected
+
+
+def test_dashboard_is_well_formed():
+    """Unique panel ids, panels inside Grafana's 24-column grid without overlapping, one data source variable."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    taken: dict = {}
+    for panel in dashboard["panels"]:
+        g = panel["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, panel["title"]
+        for cell in ((x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])):
+            assert cell not in taken, f"{panel['title']!r} overlaps {taken[cell]!r}"
+            taken[cell] = panel["title"]
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}"
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource", "model"]
+
+
 class Prometheus:
     """A real Prometheus on loopback scraping the test server's metrics port every second."""
 
@@ -112,7 +139,7 @@ class Prometheus:
         """GET /api/v1/<path>; a PromQL error comes back as {'status': 'error', ...}."""
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
         try:
-            with urllib.request.urlopen(url, timeout=30) as response:
+            with urllib.request.urlopen(url, timeout=120) as response:  # generous: CI machines are shared
                 return json.load(response)
         except urllib.error.HTTPError as exc:  # 400 bad_data / 422 execution errors carry a JSON body
             return json.load(exc)
@@ -306,7 +333,7 @@ def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Pat
         lines = 0
         for target in panel["targets"]:
             expr = target["expr"].replace("$__rate_interval", "5s").replace("$model", ".*")
-            answer = prometheus.api("query_range", query=expr, start=start, end=end, step=1)
+            answer = prometheus.api("query_range", query=expr, start=start, end=end, step=2)
             for series in answer.get("data", {}).get("result", []):
                 t = np.array([float(v[0]) for v in series["values"]]) - start
                 y = np.array([float(v[1]) for v in series["values"]])

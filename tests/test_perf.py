@@ -29,7 +29,8 @@ def test_input_data_round_trip(data):
         for entry, name in zip(entries, input_set.files):
             original = data.path(name).read_bytes()
             if input_set.model == "yolov8":
-                tensor = np.frombuffer(base64.b64decode(entry["images"]["b64"]), "<f4").reshape(entry["images"]["shape"])
+                element = entry["images"]
+                tensor = np.frombuffer(base64.b64decode(element["b64"]), "<f4").reshape(element["shape"])
                 np.testing.assert_array_equal(tensor, inputs.letterboxed(original))
                 continue
             key = "AUDIO" if input_set.model == "whisper" else "IMAGE"

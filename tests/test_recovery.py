@@ -117,3 +117,107 @@ def test_supervisor_arguments():
     assert supervisor.http_url(["tritonserver"]) == "127.0.0.1:8000"
     assert supervisor.model_control(command) == "explicit"
     assert supervisor.main([]) == 2  # usage
+
+
+# -- a real server whose stubs are killed under load ---------------------------------------------------------------
+
+RECOVERY_BOUND_S = 240.0  # kill -> serving again; CI measures ~15-30 s per model (see the README)
+# What each model under test is called with; `yolov8` is reached through `detect` (a BLS call per batch).
+CALLS = {
+    "yolov8": lambda client: client.detect(DATA / "ocr_en_sign.jpg"),
+    "easyocr": lambda client: client.read_text(DATA / "ocr_en_sign.jpg"),
+    "whisper": lambda client: client.transcribe(DATA / "speech_en.wav", temperature=[0.0]),
+}
+FAMILY = {"yolov8": "yolo", "easyocr": "easyocr", "whisper": "whisper"}
+
+
+@pytest.fixture(scope="module")
+def recovery_server(repository, tmp_path_factory):
+    """A server of its own (supervised, as the launcher always starts it) on the session's exported repository."""
+    from conftest import Server, free_port
+
+    options = server.ServerOptions(repository=repository, run_dir=tmp_path_factory.mktemp("recovery"),
+                                   http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server.start(options)
+    try:
+        yield Server(options, repository)
+    finally:
+        server.stop(options)
+
+
+class Load:
+    """Clients calling every model of the server in a loop, recording (model, start, end, outcome) per call."""
+
+    def __init__(self, triton, models: list[str]):
+        self.client = triton.client("grpc")
+        self.models, self.calls, self.stop = models, [], threading.Event()
+        self.threads = [threading.Thread(target=self.loop, args=(m,)) for m in models for _ in range(2)]
+
+    def loop(self, model: str) -> None:
+        while not self.stop.is_set():
+            start = time.monotonic()
+            try:
+                CALLS[model](self.client)
+                outcome = "ok"
+            except (ServerError, ServerUnavailableError, InvalidInputError) as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            self.calls.append((model, start, time.monotonic(), outcome))
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=150)
+        assert not any(t.is_alive() for t in self.threads), "a request hung"
+
+
+@pytest.mark.parametrize("victim", [pytest.param(m, marks=getattr(pytest.mark, FAMILY[m])) for m in CALLS])
+def test_killed_stub_is_detected_reported_and_reloaded(recovery_server, victim, capsys):
+    from conftest import selected_models
+    from trident import cli
+
+    models = [m for m in CALLS if FAMILY[m] in selected_models()]
+    http = f"127.0.0.1:{recovery_server.options.http_port}"
+    for model in models:  # every model serves before the kill
+        CALLS[model](recovery_server.client("grpc"))
+    triton_pid = supervisor.triton_pid(int(recovery_server.options.pid_file.read_text()))
+    stub = next(s for s in find_stubs(triton_pid).values() if s.model == victim)
+    red = {"check": False, "trident health": False}
+    with Load(recovery_server, models) as load:
+        time.sleep(2.0)
+        killed = time.monotonic()
+        os.kill(stub.pid, signal.SIGKILL)  # what the kernel's OOM killer does
+        while True:
+            assert time.monotonic() - killed < RECOVERY_BOUND_S, f"{victim} did not serve again in time"
+            ok, _ = supervisor.check(http)
+            red["check"] |= not ok
+            if not ok and not red["trident health"]:
+                red["trident health"] = cli.main(["--url", http, "--protocol", "http", "health"]) == 1
+            if ok and red["check"]:
+                try:
+                    CALLS[victim](recovery_server.client("grpc"))
+                    break
+                except (ServerError, ServerUnavailableError):
+                    pass
+            time.sleep(0.3)
+        recovered = time.monotonic()
+        time.sleep(2.0)  # the load goes on for a while on the recovered model
+    capsys.readouterr()
+    print(f"{victim}: serving again {recovered - killed:.1f} s after the kill")
+    assert red == {"check": True, "trident health": True}, "readiness never went red"
+    after_kill = [c for c in load.calls if c[2] > killed]
+    # In-flight and later requests of the victim (and of `detect`, which calls yolov8) failed cleanly...
+    failed = Counter(outcome.split(":")[0] for model, _, _, outcome in after_kill if outcome != "ok")
+    assert set(failed) <= {"ServerError", "ServerUnavailableError"}, failed
+    assert all(model == victim for model, _, _, outcome in after_kill if outcome != "ok"), \
+        "a model whose stub was not killed failed requests"
+    # ...the others kept serving, and the victim serves again under load.
+    for model in models:
+        assert any(m == model and outcome == "ok" and start > recovered for m, start, _, outcome in load.calls), model
+    log = recovery_server.options.log_file.read_text(errors="replace")
+    assert f"stub process [{stub.pid}] of model '{victim}' died: reloading the model" in log
+    assert supervisor.check(http)[0]

@@ -155,18 +155,24 @@ def transcripts(model, audios: list) -> list:
     return [job.error or summary(scheduler.result(job)) for job in jobs]
 
 
-def test_out_of_memory_step_is_retried_smaller(model, faulty):
+@pytest.fixture(scope="module")
+def clean(model) -> tuple:
+    """Four 4 s clips and their transcripts from a step without faults."""
     audios = [noise(4, seed) for seed in range(4)]
-    expected = transcripts(model, audios)
+    return audios, transcripts(model, audios)
+
+
+def test_out_of_memory_step_is_retried_smaller(model, faulty, clean):
+    audios, expected = clean
     encoder = faulty(max_rows=2)
     assert transcripts(model, audios) == expected  # every job served, with the same results
     # four windows plus four language-detection inputs (the clips are under 30 s), halved until they fit
     assert encoder.calls[:3] == [8, 4, 2]
 
 
-def test_a_job_that_fails_alone_fails_alone(model, faulty):
-    audios = [noise(4, 0), np.zeros(4 * SAMPLE_RATE, np.float32), noise(4, 2), noise(4, 3)]
-    expected = transcripts(model, [audios[0]] + audios[2:])
+def test_a_job_that_fails_alone_fails_alone(model, faulty, clean):
+    audios = [clean[0][0], np.zeros(4 * SAMPLE_RATE, np.float32), *clean[0][2:]]
+    expected = [clean[1][0], *clean[1][2:]]
     faulty(poison_silence=True)
     scheduler = Scheduler(model, max_windows=4)
     jobs = [scheduler.add(audio, FAST) for audio in audios]

@@ -29,6 +29,7 @@ SITE=$("$PY" -c 'import pytriton, pathlib; print(pathlib.Path(pytriton.__file__)
 tar -C "$SITE" -cJf "$CARRY/gpu-1/tsbundle.tar.xz" \
   --exclude='pytriton/tritonserver/python_backend_stubs/3.8' --exclude='pytriton/tritonserver/python_backend_stubs/3.9' \
   --exclude='pytriton/tritonserver/python_backend_stubs/3.10' --exclude='pytriton/tritonserver/python_backend_stubs/3.11' \
+  --exclude='pytriton/tritonserver/python_backend_stubs/3.13' \
   --exclude='nvidia_pytriton.libs/libpython3*' --exclude='__pycache__' \
   pytriton/tritonserver nvidia_pytriton.libs
 download "$CARRY/gpu-1" "$(pin numpy)" "tritonclient==$("$PY" -c 'from importlib.metadata import version; print(version("tritonclient"))')"

@@ -29,10 +29,13 @@ stage() { say "== [$(elapsed) s] $*"; }
 if [ "${CPU_FALLBACK:-}" = 1 ]; then
   PY=$ROOT/.venv/bin/python
   KIND=cpu; MODE=smoke; WHISPER=tiny
+  PERF_ARGS=${PERF_ARGS:---concurrency 1}; LIMIT_SCALE=${LIMIT_SCALE:-6}  # a dry run on a small CPU machine
 else
   PY=$ENV_DIR/venv/bin/python
   KIND=gpu; MODE=gpu; WHISPER=small
 fi
+PERF_ARGS=${PERF_ARGS:-}       # extra arguments of `python -m perf`
+LIMIT_SCALE=${LIMIT_SCALE:-1}  # multiplies every stage's time limit
 REPO=$ENV_DIR/repo-$KIND        # YOLOv8n, Whisper small, EasyOCR ko+en
 REPO_S=$ENV_DIR/repo-$KIND-s    # YOLOv8s (detect + yolov8 only)
 
@@ -43,49 +46,54 @@ install() {
   mkdir -p "$ENV_DIR/lib"
   if [ ! -x "$ENV_DIR/venv/bin/python" ]; then
     # A venv of our own, so the Python stub finds our packages the way the local server's does (its
-    # embedded interpreter takes its prefix from the first python3 on PATH); the machine's own site-packages
-    # (torch, opencv, scipy...) come after ours through a .pth file, so numpy 1.26.4 shadows its numpy 2.
+    # embedded interpreter takes its prefix from the first python3 on PATH). Its .pth file lists each part's
+    # folder, then our sources, then the machine's own site-packages (torch, opencv, scipy...): in that order
+    # on sys.path, so numpy 1.26.4 shadows the machine's numpy 2.
     "$system_python" -m venv --without-pip "$ENV_DIR/venv" || return 1
   fi
   SITE=$("$ENV_DIR/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   local machine_site
   machine_site=$("$system_python" -c 'import site; print(site.getsitepackages()[0])')
-  printf '%s\n%s\n%s\n' "$ROOT/serving" "$ROOT/client" "$machine_site" > "$SITE/trident-gpu.pth"
+  printf '%s\n' "$ENV_DIR/gpu-1" "$ENV_DIR/gpu-2" "$ROOT/serving" "$ROOT/client" "$machine_site" \
+    > "$SITE/trident-gpu.pth"
   for part in "$CARRY"/gpu-1 "$CARRY"/gpu-2; do
     [ -d "$part" ] || continue
     local stamp
     stamp="$ENV_DIR/installed-$(basename "$part")-$(ls "$part" | md5sum | cut -c1-8)"
     [ -e "$stamp" ] && { say "$(basename "$part") already installed"; continue; }
+    local target
+    target="$ENV_DIR/$(basename "$part")"  # one folder per part: a second --target install would replace bin/
+    rm -rf "$target" "$ENV_DIR"/installed-"$(basename "$part")"-*
     if ls "$part"/*.whl >/dev/null 2>&1; then
-      "$system_python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$SITE" \
+      "$system_python" -m pip install --quiet --no-index --no-deps --no-compile --target "$target" \
         "$part"/*.whl || return 1
     fi
     if [ -f "$part/tsbundle.tar.xz" ]; then
       # pytriton/tritonserver + nvidia_pytriton.libs, laid out as the nvidia-pytriton wheel installs them, so
       # trident_serving.server finds the server binary, the 3.12 stub and the bundled libraries as it does here.
-      tar -xJf "$part/tsbundle.tar.xz" -C "$SITE" && touch "$SITE/pytriton/__init__.py"
+      tar -xJf "$part/tsbundle.tar.xz" -C "$target" && touch "$target/pytriton/__init__.py"
     fi
     [ -f "$part/libb64.so.0d" ] && cp "$part/libb64.so.0d" "$ENV_DIR/lib/"
     touch "$stamp"
     say "installed $(basename "$part") into $ENV_DIR"
   done
-  chmod +x "$SITE/bin/perf_analyzer" 2>/dev/null || true
-  local missing=""
-  for module in numpy tritonclient pytriton av ultralytics whisper easyocr tqdm; do
-    "$ENV_DIR/venv/bin/python" -c "import $module" 2>/dev/null || missing="$missing $module"
+  chmod +x "$ENV_DIR/gpu-1/bin/perf_analyzer" 2>/dev/null || true
+  for part in gpu-1 gpu-2; do
+    ls "$ENV_DIR"/installed-$part-* >/dev/null 2>&1 || {
+      say "$part not installed yet: copy .carry/$part (make gpu-bundle) and rerun"; return 3; }
   done
-  if [ -n "$missing" ]; then
-    say "not installed yet:$missing -- copy the other part of 'make gpu-bundle' (.carry/gpu-1, .carry/gpu-2) and rerun"
-    return 3
-  fi
+  local module
+  for module in numpy tritonclient pytriton av torch ultralytics whisper easyocr tqdm; do
+    "$ENV_DIR/venv/bin/python" -c "import $module" > "$ENV_DIR/import.log" 2>&1 \
+      || { say "import $module fails: $(tail -n 1 "$ENV_DIR/import.log")"; return 1; }
+  done
   "$ENV_DIR/venv/bin/python" -c 'import numpy; assert numpy.__version__.startswith("1."), numpy.__version__' \
     || { say "numpy 2 would be imported by the Python stub (breaks TYPE_STRING inputs)"; return 1; }
 }
 
 environment() {
   if [ "${CPU_FALLBACK:-}" != 1 ]; then
-    SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    export PATH="$ENV_DIR/venv/bin:$SITE/bin:$PATH"
+    export PATH="$ENV_DIR/venv/bin:$ENV_DIR/gpu-1/bin:$PATH"
     export LD_LIBRARY_PATH="$ENV_DIR/lib:${LD_LIBRARY_PATH:-}"
   fi
   export YOLO_OFFLINE=1 PYTHONIOENCODING=utf-8 YOLO_CONFIG_DIR=${TMPDIR:-/tmp}/trident-ultralytics
@@ -107,6 +115,7 @@ export_models() {
 
 run_stage() {
   local name=$1 limit=$2; shift 2
+  limit=$((limit * LIMIT_SCALE))
   stage "$name (limit ${limit} s)"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -125,24 +134,27 @@ for name in $STAGES; do
       stage install; install; rc=$?
       [ $rc -ne 0 ] && { say "install: exit $rc"; exit $rc; } ;;
     export)
-      environment; run_stage export 180 export_models || exit 1 ;;
+      environment; stage export
+      export_models > "$OUT/export.log" 2>&1 || { tail -n 25 "$OUT/export.log" | tee -a "$SUMMARY"; say "export failed"; exit 1; }
+      say "   exported into $REPO and $REPO_S" ;;
     check)
       environment
       echo "stage,pid,used_mib,command" > "$OUT/gpu_memory.csv"
-      run_stage check 150 "$PY" perf/gpu/check.py --repository "$REPO" --out "$OUT/checks" \
+      run_stage check 120 "$PY" perf/gpu/check.py --repository "$REPO" --out "$OUT/checks" \
         --kind "$KIND" --memory-csv "$OUT/gpu_memory.csv" ;;
     perf)
       environment
-      run_stage perf 330 "$PY" -m perf --mode "$MODE" --repository "$REPO" --out "$OUT/perf" --no-progress ;;
+      # shellcheck disable=SC2086  # PERF_ARGS is a list of words
+      run_stage perf 360 "$PY" -m perf --mode "$MODE" --repository "$REPO" --out "$OUT/perf" --no-progress $PERF_ARGS ;;
     small)
       # YOLOv8s: parity and throughput of detect, batching on (the n model carries the on/off comparison)
       environment
-      run_stage small 100 "$PY" -m perf --mode "$MODE" --models detect --repository "$REPO_S" --out "$OUT/perf-s" \
+      run_stage small 80 "$PY" -m perf --mode "$MODE" --models detect --repository "$REPO_S" --out "$OUT/perf-s" \
         --batching on --concurrency "$([ "$MODE" = gpu ] && echo 1,128 || echo 1)" --no-progress ;;
     memory)
       environment
       if [ -f perf/memory.py ] && [ "$KIND" = gpu ]; then
-        run_stage memory 120 "$PY" -m perf.memory --repo "$REPO" --out "$OUT/memory.json"
+        run_stage memory 90 "$PY" -m perf.memory --repo "$REPO" --out "$OUT/memory.json"
       else
         say "memory: skipped (perf/memory.py needs a GPU); per-process GPU memory of the check run: gpu_memory.csv"
       fi ;;
