@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("OCR pages without Hangul: install Debian's fonts-nanum and delete perf/data to regenerate")
 
     server_options = None
+    results: list = []
+    found_baselines: list = []
     if args.url:
         options.url = args.url
         options.metrics_url = args.metrics_url
@@ -123,19 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if server_options is not None:
             # Baselines run before the server starts, so that nothing competes with them for the CPU.
-            found_baselines = []
             if options.baselines:
                 only_baselines = suite.SuiteOptions(**{**options.__dict__, "batching": ()})
-                _, found_baselines = suite.run(only_baselines, manifest, progress=not args.no_progress)
+                suite.run(only_baselines, manifest, not args.no_progress, results, found_baselines)
                 options.baselines = False
             print(f"starting tritonserver ({server_options.model_control} model control) ...", flush=True)
             server.start(server_options)
-            results, _ = suite.run(options, manifest, progress=not args.no_progress)
-        else:
-            results, found_baselines = suite.run(options, manifest, progress=not args.no_progress)
+        suite.run(options, manifest, not args.no_progress, results, found_baselines)
     except analyzer.PerfAnalyzerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # keep what was measured: the report says it is partial
+        notes.append(f"interrupted: partial results ({len(results)} measurements)")
+        print("interrupted: writing the partial report", file=sys.stderr)
     finally:
         if server_options is not None:
             server.stop(server_options)

@@ -65,6 +65,7 @@ class FuzzOptions:
     concurrency: int = 4  # requests in flight: bad inputs share batches with other requests
     timeout: float = 300.0  # per request; a mutated WAV header may legitimately ask for minutes of audio
     server_pid: int | None = None  # tritonserver (or its supervisor): stub PIDs are compared before and after
+    max_seconds: float | None = None  # send no new case after this long (the report says how many were sent)
     out: Path | None = None  # where failing inputs and the JSON summary go
 
 
@@ -74,7 +75,8 @@ def image_seeds() -> list[bytes]:
     """Committed and bundled photos, plus one image in each accepted encoding and some edge shapes."""
     from ultralytics.utils import ASSETS
 
-    files = [ASSETS / "bus.jpg", ASSETS / "zidane.jpg", *sorted(DATA.glob("ocr_*.png")), *sorted(DATA.glob("ocr_*.jpg"))]
+    files = [ASSETS / "bus.jpg", ASSETS / "zidane.jpg", *sorted(DATA.glob("ocr_*.png")),
+             *sorted(DATA.glob("ocr_*.jpg"))]
     seeds = [path.read_bytes() for path in files]
     base = cv2.resize(cv2.imread(str(ASSETS / "bus.jpg")), (203, 270))
     encodings = [(".png", base, []), (".bmp", base, []), (".webp", base, [cv2.IMWRITE_WEBP_QUALITY, 80]),
@@ -240,7 +242,8 @@ class CaseMaker:
         if roll < 0.1:  # raw PCM of odd kinds
             pcm = [np.zeros((1, 0), np.float32), np.full((1, 1600), np.nan, np.float32),
                    np.full((1, 1600), 1e30, np.float32), rng.normal(0, 1, (1, 16000)).astype(np.float32),
-                   rng.normal(0, 1, (1, 16000)).astype(np.float64), (rng.normal(0, 1, (1, 1600)) * 1e4).astype(np.int32)]
+                   rng.normal(0, 1, (1, 16000)).astype(np.float64),
+                   (rng.normal(0, 1, (1, 1600)) * 1e4).astype(np.int32)]
             choice = int(rng.integers(len(pcm)))
             inputs["PCM"] = pcm[choice]
             mutation = f"PCM #{choice} {pcm[choice].dtype}{list(pcm[choice].shape)}"
@@ -334,7 +337,12 @@ def run(options: FuzzOptions, progress: bool = True) -> tuple[list[Outcome], lis
     if not ok:
         raise SystemExit(f"the server is not ready before fuzzing: {message}")
 
+    deadline = time.monotonic() + options.max_seconds if options.max_seconds else None
+    stop = threading.Event()  # Ctrl-C or the deadline: finish what is in flight, report what was answered
+
     def one(case: Case) -> None:
+        if stop.is_set() or (deadline is not None and time.monotonic() > deadline):
+            return
         outcome = classify(case, lambda: client.infer(case.model, case.inputs, list(case.outputs)))
         with lock:
             outcomes.append(outcome)
@@ -349,7 +357,11 @@ def run(options: FuzzOptions, progress: bool = True) -> tuple[list[Outcome], lis
                           flush=True)
 
     with ThreadPoolExecutor(options.concurrency) as pool:
-        list(pool.map(one, cases))
+        try:
+            list(pool.map(one, cases))
+        except KeyboardInterrupt:
+            stop.set()
+            print("interrupted: waiting for the requests in flight", flush=True)
     stubs_after = _stubs(options.server_pid)
     if stubs_before != stubs_after:
         problems.append(f"stub processes changed (a stub died and was replaced): {stubs_before} -> {stubs_after}")
@@ -404,7 +416,8 @@ def save_failures(outcomes: list[Outcome], folder: Path) -> None:
 
 
 def print_summary(result: dict, seconds: float) -> None:
-    print(f"\nfuzz: {result['requests']} requests in {seconds:.0f} s")
+    print(f"\nfuzz: {result['requests']} of {result.get('n', result['requests'])} requests sent and answered "
+          f"in {seconds:.0f} s (seed {result.get('seed')})")
     print(f"{'model':<10}" + "".join(f"{k:>16}" for k in OUTCOMES) + f"{'slowest s':>12}")
     for model, counts in result["counts"].items():
         print(f"{model:<10}" + "".join(f"{counts[k]:>16}" for k in OUTCOMES) + f"{result['slowest_s'][model]:>12}")
@@ -429,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
                         "deaths are seen even when the supervisor repairs them")
     parser.add_argument("--repository", type=Path, help="exported repository to serve (default: synthetic weights "
                         "exported into perf/results/repository-cpu)")
+    parser.add_argument("--max-seconds", type=float, help="send no new case after this long (default: no limit)")
     parser.add_argument("--out", type=Path, default=ROOT / "perf" / "results" / "fuzz")
     args = parser.parse_args(argv)
     options = FuzzOptions(n=args.n, seed=args.seed, models=tuple(m for m in args.models.split(",") if m),
-                          concurrency=args.concurrency, out=args.out)
+                          concurrency=args.concurrency, out=args.out, max_seconds=args.max_seconds)
     unknown = set(options.models) - set(MODELS)
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")

@@ -99,6 +99,8 @@ def plot(table: list[dict], found: list[Baseline], folder: Path) -> list[Path]:
     keys = list(dict.fromkeys((r["model"], r["input_set"]) for r in table))
     base = {(b.model, b.input_set): b for b in found}
     paths = []
+    if not keys:
+        return paths
 
     def panels(title: str):
         figure, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)

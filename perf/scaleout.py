@@ -60,11 +60,13 @@ class ScaleOutOptions:
     repository: Path | None = None  # holds `yolov8`; None: export one with synthetic weights
     work_dir: Path | None = None  # run dirs, configs and logs; None: a temporary directory
     concurrency: int = 16  # requests in flight in the closed-loop phases (client-side, kill)
-    # perf_analyzer: this many requests offered at `overload` x the capacity measured in the client-side phase.
-    # A closed loop barely queues (dynamic batching takes every waiting request into the next batch); traffic
-    # beyond capacity does, which is what should add replicas.
+    # perf_analyzer offers `overload` x the capacity measured in the client-side phase for `overload_seconds`
+    # (at least `load_requests` requests). A closed loop barely queues (dynamic batching takes every waiting
+    # request into the next batch); traffic beyond capacity does, which is what should add replicas. The
+    # backlog must outlast the rate window, whatever the machine's speed: hence a duration, not a count.
     load_requests: int = 64
     overload: float = 3.0
+    overload_seconds: float = 4.0
     client_seconds: float = 4.0  # client-side round-robin phase
     kill_seconds: float = 10.0  # proxy phase during which one replica is killed ...
     kill_after: float = 4.0  # ... this long after it starts
@@ -80,6 +82,7 @@ class Report:
     replicas: int
     requests_per_replica: dict[str, int] = field(default_factory=dict)  # perf_analyzer through nginx
     offered_rate: float = 0.0  # req/s perf_analyzer offered (open loop)
+    offered_requests: int = 0  # requests it sent at that rate
     perf_analyzer_throughput: float = 0.0  # infer/s it measured
     client_side_per_replica: dict[str, int] = field(default_factory=dict)  # trident client, round_robin
     http_per_replica: dict[str, int] = field(default_factory=dict)  # trident client over HTTP through nginx
@@ -214,6 +217,20 @@ http {{
     }}
 }}
 """
+
+
+def settled_successes(replicas: list[Replica], timeout: float = 15.0) -> list[int]:
+    """Each replica's success counter once it has stopped moving: a backend reports a request's statistics
+    after its response has left, so the counters can lag the client by a moment."""
+    counts = [r.successes() for r in replicas]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = [r.successes() for r in replicas]
+        if again == counts:
+            break
+        counts = again
+    return counts
 
 
 def nginx_log(work: Path, lines: int = 20) -> str:
@@ -494,10 +511,10 @@ def run(options: ScaleOutOptions, log=print) -> Report:
 
         # 1. client-side balancing: gRPC round_robin over the replicas' own addresses, no proxy. Closed loop:
         #    it also measures what the replicas serve together, which sets the offered load of phase 2.
-        before = [r.successes() for r in replicas]
+        before = settled_successes(replicas)
         target = static_target([f"127.0.0.1:{r.options.grpc_port}" for r in replicas])
         outcomes = client_load(target, options.concurrency, options.client_seconds)
-        after = [r.successes() for r in replicas]
+        after = settled_successes(replicas)
         report.client_side_per_replica = {r.name: a - b for r, a, b in zip(replicas, after, before)}
         failed = [o for o in outcomes if not o.ok]
         if failed:
@@ -507,9 +524,9 @@ def run(options: ScaleOutOptions, log=print) -> Report:
             f"{report.client_side_per_replica}")
 
         # HTTP through the proxy too: nginx balances each HTTP/1.1 request over its keep-alive upstreams.
-        before = [r.successes() for r in replicas]
+        before = settled_successes(replicas)
         outcomes = client_load(f"http://127.0.0.1:{http_port}", 1, 0.0, requests=2 * len(replicas))
-        after = [r.successes() for r in replicas]
+        after = settled_successes(replicas)
         report.http_per_replica = {r.name: a - b for r, a, b in zip(replicas, after, before)}
         if not all(o.ok for o in outcomes):
             raise RuntimeError(f"HTTP through nginx failed: {[o.error for o in outcomes if not o.ok][:1]}; "
@@ -519,18 +536,20 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         # 2. perf_analyzer through the proxy, offering 3x that capacity: queues build on every replica, as
         #    when traffic outgrows a Deployment; then it stops and they drain.
         report.offered_rate = round(options.overload * capacity, 2)
-        before = [r.successes() for r in replicas]
+        report.offered_requests = max(options.load_requests,
+                                      math.ceil(report.offered_rate * options.overload_seconds))
+        before = settled_successes(replicas)
         # KEDA (metricType AverageValue) divides the query's single value by the replica count.
         keda_query = report.keda_queries["queued-requests"]
         keda_measure = lambda: sum(prometheus.query(keda_query).values()) / len(replicas)  # noqa: E731
         with MetricWatcher(lambda: hpa_value(prometheus, query)) as watcher, \
                 MetricWatcher(keda_measure) as keda_watcher:
             report.perf_analyzer_throughput = run_perf_analyzer(grpc_port, report.offered_rate,
-                                                                options.load_requests)
-        after = [r.successes() for r in replicas]
+                                                                report.offered_requests)
+        after = settled_successes(replicas)
         report.requests_per_replica = {r.name: a - b for r, a, b in zip(replicas, after, before)}
-        log(f"perf_analyzer via nginx at {report.offered_rate} req/s: {report.perf_analyzer_throughput:.1f} "
-            f"infer/s, per replica {report.requests_per_replica}")
+        log(f"perf_analyzer via nginx, {report.offered_requests} requests at {report.offered_rate} req/s: "
+            f"{report.perf_analyzer_throughput:.1f} infer/s, per replica {report.requests_per_replica}")
         load_peak = max(watcher.samples or [0.0])
         above = sum(v > threshold for v in watcher.samples) * watcher.interval
 
@@ -554,7 +573,7 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         # 4. a replica crashes mid-run behind the proxy.
         victim, survivors = replicas[-1], replicas[:-1]
         killed_at: list[float] = []  # when the kill was sent, when the victim's ports were closed
-        before = [r.successes() for r in survivors]
+        before = settled_successes(survivors)
 
         def kill() -> None:
             killed_at.append(time.monotonic())
@@ -563,7 +582,7 @@ def run(options: ScaleOutOptions, log=print) -> Report:
 
         outcomes = client_load(f"127.0.0.1:{grpc_port}", options.concurrency, options.kill_seconds,
                                at=options.kill_after, action=kill)
-        after = [r.successes() for r in survivors]
+        after = settled_successes(survivors)
         # In flight at the kill: sent before the victim was gone, still unanswered when the kill was sent.
         t_kill, t_dead = killed_at
         failed = [o for o in outcomes if not o.ok]

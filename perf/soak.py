@@ -52,8 +52,8 @@ def requests_by_model() -> dict[str, list[tuple[dict[str, np.ndarray], tuple[str
     return {
         "detect": [({"IMAGE": tensor(p)}, ("BOXES", "SCORES", "CLASSES", "LABELS")) for p in photos],
         "easyocr": [({"IMAGE": tensor(p)}, ("BOXES", "TEXTS", "SCORES")) for p in pages],
-        "whisper": [({"AUDIO": tensor(s), "TEMPERATURE": np.zeros((1, 1), np.float32)}, ("TEXT", "LANGUAGE", "SEGMENTS"))
-                    for s in speech],
+        "whisper": [({"AUDIO": tensor(s), "TEMPERATURE": np.zeros((1, 1), np.float32)},
+                     ("TEXT", "LANGUAGE", "SEGMENTS")) for s in speech],
         "yolov8": [({"images": letterboxed(p)[None]}, ("output0",)) for p in photos],
     }
 
@@ -91,7 +91,7 @@ def run(options: SoakOptions, progress: bool = True) -> dict:
     if host not in LOOPBACK:
         raise SystemExit(f"soak runs against a loopback server only, not {options.url}")
     catalogue = requests_by_model()
-    order = [m for m in options.models]
+    order = list(options.models)
     latencies: dict[str, list[float]] = defaultdict(list)
     failures: dict[str, list[str]] = defaultdict(list)
     lock = threading.Lock()
@@ -117,10 +117,12 @@ def run(options: SoakOptions, progress: bool = True) -> dict:
                     failures[model].append(f"{type(exc).__name__}: {exc}"[:300])
 
     def sampler() -> None:
+        printed = -30.0
         while not stop.is_set():
             if options.server_pid is not None:
                 samples.append((time.monotonic() - started, tree_rss(options.server_pid)))
-            if progress:
+            if progress and time.monotonic() - started - printed >= 30:
+                printed = time.monotonic() - started
                 with lock:
                     done = {m: len(latencies[m]) for m in order}
                     failed = sum(len(f) for f in failures.values())

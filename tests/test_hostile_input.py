@@ -289,7 +289,8 @@ def test_detect_motion_photo_and_exif_rotation(triton, tmp_path):
         expected = reference.predict(str(path), conf=CONF, rect=False, verbose=False)[0]
         assert expected.orig_shape == upright.shape[:2] and len(served) >= 24
         assert_same_detections(served, expected)
-        assert (served.boxes[:, 2] <= upright.shape[1] + 0.5).all() and (served.boxes[:, 3] <= upright.shape[0] + 0.5).all()
+        assert (served.boxes[:, 2] <= upright.shape[1] + 0.5).all()
+        assert (served.boxes[:, 3] <= upright.shape[0] + 0.5).all()
 
 
 @pytest.mark.easyocr
@@ -341,7 +342,7 @@ def test_fuzz_short_run(triton):
 
     served = {"yolo": ("detect", "yolov8"), "whisper": ("whisper",), "easyocr": ("easyocr",)}
     models = tuple(m for name in selected_models() for m in served[name])
-    options = fuzz.FuzzOptions(url=triton.grpc_url, http_url=triton.http_url, n=12 * len(models), seed=1,
+    options = fuzz.FuzzOptions(url=triton.grpc_url, http_url=triton.http_url, n=8 * len(models), seed=1,
                                models=models, server_pid=int(triton.options.pid_file.read_text()))
     outcomes, problems = fuzz.run(options, progress=False)
     result = fuzz.summary(outcomes, problems)

@@ -54,6 +54,28 @@ def test_promtool_accepts_the_shipped_config():
     assert '"triton:8002"' in PROMETHEUS_CONFIG.read_text()
 
 
+def test_compose_provisions_prometheus_and_grafana():
+    """The compose services mount what the provisioning files point at: no clicking in Grafana."""
+    import yaml
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    grafana = ROOT / "deploy" / "grafana"
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    assert any(a.startswith("--storage.tsdb.retention.time=") for a in services["prometheus"]["command"])
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in services["grafana"]["volumes"] if v.startswith("./"))
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    provider = yaml.safe_load((grafana / "provisioning" / "dashboards" / "trident.yml").read_text())["providers"][0]
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    source = yaml.safe_load((grafana / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    env = services["grafana"]["environment"]
+    assert "GRAFANA_ADMIN_PASSWORD" in env["GF_SECURITY_ADMIN_PASSWORD"]  # from .env
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "${GRAFANA_ANONYMOUS:-false}"
+    dotenv = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines() if "=" in line
+                  and not line.startswith("#"))
+    assert dotenv["GRAFANA_ANONYMOUS"] == "false" and dotenv["GRAFANA_ADMIN_PASSWORD"]
+
+
 def dashboard_expressions() -> list[tuple[str, str]]:
     """(panel title, PromQL) of every query of the dashboard, Grafana variables substituted."""
     found = []
@@ -320,6 +342,8 @@ def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Pat
         g = panel["gridPos"]
         box = [g["x"] / 24 + 0.003, top - (g["y"] + g["h"]) / bottom * top + 0.004, g["w"] / 24 - 0.006,
                g["h"] / bottom * top - 0.008]
+        if panel["type"] == "timeseries":  # room for tick labels inside the panel
+            box = [box[0] + 0.022, box[1] + 0.012, box[2] - 0.026, box[3] - 0.024]
         if panel["type"] == "row":
             fig.text(box[0], box[1] + box[3] / 2, panel["title"], color="#d8d9da", fontsize=12, weight="bold",
                      va="center")
@@ -332,7 +356,7 @@ def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Pat
         unit = panel["fieldConfig"]["defaults"].get("unit", "")
         lines = 0
         for target in panel["targets"]:
-            expr = target["expr"].replace("$__rate_interval", "5s").replace("$model", ".*")
+            expr = target["expr"].replace("$__rate_interval", "15s").replace("$model", ".*")
             answer = prometheus.api("query_range", query=expr, start=start, end=end, step=2)
             for series in answer.get("data", {}).get("result", []):
                 t = np.array([float(v[0]) for v in series["values"]]) - start
@@ -343,18 +367,20 @@ def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Pat
                     text = f"{100 * last:.1f} %" if unit == "percentunit" else f"{last:.3g}"
                     ax.text(0.5, 0.45, text, color="#73bf69", fontsize=22, ha="center", va="center",
                             transform=ax.transAxes)
-                else:
+                    lines += 1
+                elif np.nan_to_num(y).any():  # all-zero series (e.g. failure reasons that never happened) left out
                     ax.plot(t, y, linewidth=1.2, label=label)
-                lines += 1
+                    lines += 1
         if panel["type"] == "stat":
             ax.set_xticks([])
             ax.set_yticks([])
         elif lines:
+            ax.set_xlim(0, end - start)
             ax.set_xlabel("seconds", color="#8e8e8e", fontsize=7)
             ax.set_ylabel(unit, color="#8e8e8e", fontsize=7)
             ax.legend(fontsize=6, loc="upper right", facecolor="#181b1f", labelcolor="#d8d9da", framealpha=0.6)
         if not lines:
-            reason = "no GPU on this machine" if "GPU" in panel["title"] else "no data in this run"
+            reason = "no GPU on this machine" if "GPU" in panel["title"] else "zero throughout this run"
             ax.text(0.5, 0.5, reason, color="#8e8e8e", fontsize=9, ha="center", va="center", transform=ax.transAxes)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, facecolor=fig.get_facecolor())

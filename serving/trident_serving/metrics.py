@@ -101,6 +101,10 @@ class ModelMetrics:
             self._metrics[key] = self._families[spec.name].Metric(labels={**self._labels, **labels}, **extra)
         return self._metrics[key]
 
+    def touch(self, spec: Spec, **labels: str) -> None:
+        """Publish a labelled series at 0 before its first event, so that rate() sees that event."""
+        self._metric(spec, **labels)
+
     def inc(self, spec: Spec, amount: float = 1.0, **labels: str) -> None:
         """Add `amount` (≥ 0) to a counter (`labels`: the spec's own labels, e.g. code="INVALID_ARG")."""
         if amount:

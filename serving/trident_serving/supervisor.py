@@ -157,15 +157,15 @@ class Triton:
         try:
             self._call("GET", "/v2/health/ready", timeout)
             return True
-        except (OSError, urllib.error.HTTPError):
+        except OSError:  # refused, timed out, or HTTP 400 (not ready)
             return False
 
     def reload(self, model: str, timeout: float) -> None:
         """Unload `model`, then load it again (returns once it is READY; raises if the load fails).
 
-        The load does not wait for the unload: with its stub dead, Triton 2.51 never finishes unloading the
-        old instance (it stays UNLOADING, seen for 10 minutes), while a load started meanwhile brings up a new
-        one, which serves."""
+        The load does not wait for the unload: with its stub dead, Triton 2.51 may never finish unloading the
+        old instance (seen with whisper, whose requests were queued in the dead stub: UNLOADING for 10 minutes),
+        while a load started meanwhile brings up a new one, which serves."""
         self._call("POST", f"/v2/repository/models/{model}/unload", timeout)
         self._call("POST", f"/v2/repository/models/{model}/load", timeout)
 
@@ -188,13 +188,12 @@ def check(url: str) -> tuple[bool, str]:
 class Supervisor:
     """Watches the stubs of one running tritonserver and reloads every model that lost one."""
 
-    def __init__(self, server_pid: int, options: SupervisorOptions | None = None, triton: Triton | None = None):
+    def __init__(self, server_pid: int, options: SupervisorOptions | None = None):
         self.server_pid = server_pid
-        self.options = options = options or SupervisorOptions()
-        self.triton = triton or Triton(options.url)
+        self.options = options or SupervisorOptions()
+        self.triton = Triton(self.options.url)
         self.watch = StubWatch()
-        self.recovering: set[str] = set()
-        self.recoveries = 0  # reloads that brought a model back
+        self.recovering: set[str] = set()  # models being reloaded (their stubs come and go)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
 
@@ -221,7 +220,6 @@ class Supervisor:
                 started = time.monotonic()
                 try:
                     self.triton.reload(model, self.options.load_timeout)
-                    self.recoveries += 1
                     log.warning("model %r reloaded in %.1f s after its stub died", model, time.monotonic() - started)
                     return
                 except (OSError, ValueError) as exc:

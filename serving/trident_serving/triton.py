@@ -56,9 +56,14 @@ def init_instance(args: dict) -> None:
     log.setLevel(logging.DEBUG)  # the server's --log-verbose decides what verbose lines it keeps
     log.propagate = False
     _metrics = metrics.ModelMetrics(args, [metrics.REQUEST_ERRORS])
+    for code in ERROR_CODES[:4]:  # the codes our models answer with, at 0 from the start
+        _metrics.touch(metrics.REQUEST_ERRORS, code=code)
 
 
 _metrics: metrics.ModelMetrics | None = None
+# Triton error codes by name, for trident_request_errors_total's `code` label
+ERROR_CODES = ("INVALID_ARG", "UNAVAILABLE", "CANCELLED", "INTERNAL", "UNSUPPORTED", "NOT_FOUND", "ALREADY_EXISTS",
+               "UNKNOWN")
 
 
 def parameters(args: dict) -> dict[str, str]:
@@ -142,8 +147,7 @@ def error_response(exc: BaseException):
     response = _error_response(exc)
     if _metrics is not None:
         code = response.error().code()
-        names = [n for n in ("INVALID_ARG", "UNAVAILABLE", "CANCELLED", "INTERNAL", "UNSUPPORTED", "NOT_FOUND",
-                             "ALREADY_EXISTS", "UNKNOWN") if getattr(pb_utils.TritonError, n) == code]
+        names = [n for n in ERROR_CODES if getattr(pb_utils.TritonError, n, None) == code]
         _metrics.inc(metrics.REQUEST_ERRORS, code=names[0] if names else str(code))
     return response
 
