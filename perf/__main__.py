@@ -120,15 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         http, grpc, metrics = free_port(), free_port(), free_port()
         server_options = server.ServerOptions(repository=repository, run_dir=out / "server", http_port=http,
                                               grpc_port=grpc, metrics_port=metrics,
-                                              model_control="explicit" if options.toggle else "none")
+                                              model_control="explicit" if options.toggle else "none",
+                                              # the suite reloads models itself (config overrides); the
+                                              # supervisor would take the old stub's exit for a crash and
+                                              # reload the repository's config over the override
+                                              supervise=False)
         options.url, options.metrics_url = f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}/metrics"
     try:
         if server_options is not None:
-            # Baselines run before the server starts, so that nothing competes with them for the CPU.
-            if options.baselines:
-                only_baselines = suite.SuiteOptions(**{**options.__dict__, "batching": ()})
-                suite.run(only_baselines, manifest, not args.no_progress, results, found_baselines)
-                options.baselines = False
             print(f"starting tritonserver ({server_options.model_control} model control) ...", flush=True)
             server.start(server_options)
         suite.run(options, manifest, not args.no_progress, results, found_baselines)

@@ -157,7 +157,7 @@ class Loader:
 
 def run(options: SuiteOptions, manifest: Manifest, progress: bool = True,
         results: list[Result] | None = None, found_baselines: list | None = None) -> tuple[list[Result], list]:
-    """Run the baselines, then every planned perf_analyzer measurement; returns (results, baselines).
+    """Per model: its baseline, then its planned perf_analyzer measurements; returns (results, baselines).
 
     Measurements are appended to `results` / `found_baselines` when given, so an interrupted run keeps them.
     """
@@ -172,15 +172,16 @@ def run(options: SuiteOptions, manifest: Manifest, progress: bool = True,
     found_baselines = [] if found_baselines is None else found_baselines
     windows, size, stability, trials = SETTINGS[options.mode]
     try:
-        # Baselines first, while no server work competes for the CPU (the server is idle or not started).
-        if options.baselines:
-            for model, input_set, _ in baseline_steps:
-                bar.set_postfix_str(f"baseline {model} {input_set}")
-                found_baselines.append(baselines.run(model, manifest.sets[input_set], manifest, options.repository,
-                                                     min_seconds=options.baseline_seconds))
-                bar.update()
         loader = Loader(options.url) if options.toggle and variants else None
         for model in dict.fromkeys(m for m, _, _ in steps):
+            # Each model's baseline right before its served runs, while the server is idle (in explicit mode
+            # with no model loaded): on a shared machine the load drifts, so side by side beats all first.
+            for m, input_set, _ in baseline_steps if options.baselines else ():
+                if m == model:
+                    bar.set_postfix_str(f"baseline {model} {input_set}")
+                    found_baselines.append(baselines.run(model, manifest.sets[input_set], manifest,
+                                                         options.repository, min_seconds=options.baseline_seconds))
+                    bar.update()
             for batching in variants:
                 if loader:
                     bar.set_postfix_str(f"loading {model} (batching {batching})")

@@ -112,6 +112,49 @@ def test_stats_finds_the_metrics_endpoint_of_a_server_url(server, expected):
     assert trident_stats.metrics_url(server) == expected
 
 
+def test_stats_arithmetic_between_two_scrapes():
+    """Rates, batch, per-request times, p99, error codes and GPU memory from two expositions 2 s apart."""
+    def exposition(success, count, executions, queue_us, infer_us, errors, crops, batches):
+        return f"""# TYPE nv_inference_request_success counter
+nv_inference_request_success{{model="easyocr",version="1"}} {success}
+# TYPE nv_inference_request_failure counter
+nv_inference_request_failure{{model="easyocr",reason="REJECTED",version="1"}} 0
+# TYPE nv_inference_count counter
+nv_inference_count{{model="easyocr",version="1"}} {count}
+# TYPE nv_inference_exec_count counter
+nv_inference_exec_count{{model="easyocr",version="1"}} {executions}
+# TYPE nv_inference_queue_duration_us counter
+nv_inference_queue_duration_us{{model="easyocr",version="1"}} {queue_us}
+# TYPE nv_inference_compute_infer_duration_us counter
+nv_inference_compute_infer_duration_us{{model="easyocr",version="1"}} {infer_us}
+# TYPE nv_inference_request_summary_us summary
+nv_inference_request_summary_us_count{{model="easyocr",version="1"}} {success}
+nv_inference_request_summary_us_sum{{model="easyocr",version="1"}} 1
+nv_inference_request_summary_us{{model="easyocr",version="1",quantile="0.99"}} 250000
+# TYPE trident_request_errors_total counter
+trident_request_errors_total{{code="INVALID_ARG",model="easyocr",version="1"}} {errors}
+# TYPE trident_easyocr_batch_text_crops histogram
+trident_easyocr_batch_text_crops_count{{model="easyocr",version="1"}} {batches}
+trident_easyocr_batch_text_crops_sum{{model="easyocr",version="1"}} {crops}
+trident_easyocr_batch_text_crops_bucket{{model="easyocr",version="1",le="+Inf"}} {batches}
+# TYPE nv_gpu_memory_used_bytes gauge
+nv_gpu_memory_used_bytes{{gpu_uuid="GPU-0"}} 2147483648
+# TYPE nv_gpu_memory_total_bytes gauge
+nv_gpu_memory_total_bytes{{gpu_uuid="GPU-0"}} 85899345920
+"""
+    before = trident_stats.parse(exposition(10, 10, 10, 1000, 50000, 0, 30, 10), at=100.0)
+    after = trident_stats.parse(exposition(30, 30, 15, 41000, 250000, 2, 90, 15), at=102.0)
+    report = trident_stats.compute(after, before, "url")
+    (m,) = report.models
+    assert (m.requests_per_s, m.inferences_per_s, m.executions_per_s) == (10.0, 10.0, 2.5)
+    assert m.avg_batch == 4.0 and m.queue_ms == 2.0 and m.compute_ms == 10.0 and m.p99_ms == 250.0
+    assert m.failures_by_reason == {"answered INVALID_ARG": 1.0} and m.failures_per_s == 1.0
+    assert m.extra == {"trident_easyocr_batch_text_crops (average)": 12.0}
+    assert report.gpus[0].memory_used_bytes == 2 * 2**30
+    text = trident_stats.render(report)
+    assert "over the last 2.0 s" in text and "memory 2.0 / 80.0 GiB" in text
+
+
 def test_dashboard_is_well_formed():
     """Unique panel ids, panels inside Grafana's 24-column grid without overlapping, one data source variable."""
     dashboard = json.loads(DASHBOARD.read_text())
@@ -190,7 +233,6 @@ def traffic(triton, tmp_path_factory):
         prometheus.started = time.time()
         before = trident_stats.scrape(url)
         client = triton.client("grpc")
-        sent: dict = {}
         models = selected_models()
         with ThreadPoolExecutor(3) as pool:
             jobs = {}
