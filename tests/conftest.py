@@ -5,6 +5,7 @@ The models exported (and so the tests collected) are those named in TRIDENT_TEST
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -13,6 +14,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -100,16 +102,23 @@ class Server:
         return found
 
 
-@pytest.fixture(scope="session")
-def triton(repository, tmp_path_factory) -> Server:
-    """The real Triton server (pip-bundled 2.51 binary) serving the synthetic repository on free ports."""
-    options = server.ServerOptions(repository=repository, run_dir=tmp_path_factory.mktemp("run"),
+@contextlib.contextmanager
+def serve(repository: Path, run_dir: Path) -> Iterator[Server]:
+    """The real Triton server (pip-bundled 2.51 binary) serving `repository` on free loopback ports, for a block."""
+    options = server.ServerOptions(repository=repository, run_dir=run_dir,
                                    http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     server.start(options)
     try:
         yield Server(options, repository)
     finally:
         server.stop(options)
+
+
+@pytest.fixture(scope="session")
+def triton(repository, tmp_path_factory) -> Server:
+    """The session's server, serving the synthetic repository."""
+    with serve(repository, tmp_path_factory.mktemp("run")) as started:
+        yield started
 
 
 @pytest.fixture(params=["grpc", "http"])

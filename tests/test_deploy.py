@@ -247,7 +247,7 @@ def test_make_deploy_dry_run_prints_the_whole_plan():
         "--flavour tensorrt",
         "docker compose up -d", "Health.Status",
         "trident --url localhost:8001 health", "detect", "transcribe", "ocr",
-        f"http://", f":{ENV['HTTP_PORT']}/v2/health/ready", f":{ENV['METRICS_PORT']}/metrics",
+        "http://", f":{ENV['HTTP_PORT']}/v2/health/ready", f":{ENV['METRICS_PORT']}/metrics",
     ]
     missing = [text for text in expected if text not in plan]
     assert not missing, f"the dry run does not show {missing}:\n{plan}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from trident import InvalidInputError, ServerError, ServerUnavailableError
-from trident_serving import server, supervisor
+from trident_serving import supervisor
 from trident_serving.supervisor import STUB, Stub, StubWatch, find_stubs, parse_stub
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -93,6 +93,19 @@ def test_stub_watch():
     assert watch.update(stubs(), {"whisper": "READY", "easyocr": "UNAVAILABLE"}) == {}
 
 
+def test_stub_watch_tells_a_swap_from_a_death():
+    """`load` of a READY model (e.g. with a config override) starts new stubs, then the old ones exit: the model
+    is not reloaded over the override. A stub that dies once the swap has settled is a death again."""
+    watch = StubWatch(settle_seconds=10)
+    ready = {"detect": "READY"}
+    swap = lambda *pids: {pid: Stub(pid, "detect", "detect_0_0") for pid in pids}  # noqa: E731 - same instance
+    assert watch.update(swap(1), ready, now=0) == {}
+    assert watch.update(swap(1, 2), ready, now=1) == {}  # the new copy's stub starts...
+    assert watch.update(swap(2), ready, now=2) == {}  # ...and the old one exits
+    assert watch.update(swap(2), ready, now=20) == {}
+    assert watch.update({}, ready, now=21) == {"detect": [2]}
+
+
 @pytest.mark.parametrize("command, status", [("exit 3", 3), ("kill -9 $$", 137), ("exit 0", 0)])
 def test_supervisor_returns_the_servers_exit_status(command, status):
     done = subprocess.run([sys.executable, "-m", "trident_serving.supervisor", "--", "sh", "-c", command],
@@ -150,16 +163,11 @@ def without_warmup(repository: Path, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def recovery_server(repository, tmp_path_factory):
     """A server of its own (supervised, as the launcher always starts it) on the session's exported models."""
-    from conftest import Server, free_port
+    from conftest import serve
 
     models = without_warmup(repository, tmp_path_factory.mktemp("recovery_repository"))
-    options = server.ServerOptions(repository=models, run_dir=tmp_path_factory.mktemp("recovery"),
-                                   http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    server.start(options)
-    try:
-        yield Server(options, models)
-    finally:
-        server.stop(options)
+    with serve(models, tmp_path_factory.mktemp("recovery")) as started:
+        yield started
 
 
 class Load:

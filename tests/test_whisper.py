@@ -21,10 +21,9 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import whisper
-from conftest import Server, free_port
+from conftest import Server, serve
 
 from trident import Client, InvalidInputError, TridentError
-from trident_serving import server
 from trident_serving.audio import SAMPLE_RATE, decode_audio
 
 pytestmark = pytest.mark.whisper
@@ -161,13 +160,8 @@ def tight(repository, tmp_path_factory):
         assert n == 1, key
     text = re.sub(r"\nmodel_warmup \[.*?\n\]", "", text, flags=re.S)  # warm-up only costs start time here
     config.write_text(text)
-    options = server.ServerOptions(repository=repo, run_dir=tmp_path_factory.mktemp("tight_run"),
-                                   http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    server.start(options)
-    try:
-        yield Server(options, repo)
-    finally:
-        server.stop(options)
+    with serve(repo, tmp_path_factory.mktemp("tight_run")) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

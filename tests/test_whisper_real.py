@@ -18,13 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import Server, free_port
+from conftest import Server, serve
 from trident import Client
 from real_speech import TRUTH, edit_distance, faster_whisper_transcripts, language_of, load_clip
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
 from export import __main__ as export_main
-from trident_serving import server
 from trident_serving.audio import SAMPLE_RATE
 
 pytestmark = pytest.mark.whisper
@@ -54,13 +53,8 @@ def real(tmp_path_factory) -> Server:
     """A server of its own serving only the converted Whisper base (CPU), on free ports."""
     repo = tmp_path_factory.mktemp("real_repository")
     assert export_main.main(["whisper", "--weights", "base-offline", "--kind", "cpu", "--repo", str(repo)]) == 0
-    options = server.ServerOptions(repository=repo, run_dir=tmp_path_factory.mktemp("real_run"),
-                                   http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    server.start(options)
-    try:
-        yield Server(options, repo)
-    finally:
-        server.stop(options)
+    with serve(repo, tmp_path_factory.mktemp("real_run")) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

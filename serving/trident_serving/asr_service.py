@@ -19,7 +19,7 @@ import numpy as np
 
 from .asr import FRAMES_PER_SECOND, ASROptions, Job, Scheduler, asked
 from .audio import SAMPLE_RATE
-from .errors import Cancelled, InvalidInput, Unavailable
+from .errors import Cancelled, Unavailable
 
 log = logging.getLogger("trident")
 WINDOW_SECONDS = 30.0

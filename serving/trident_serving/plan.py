@@ -28,9 +28,10 @@ STUB_CONTEXT_MIB = 526.0  # one Python stub with torch and a CUDA context, befor
 MEASURED_ON = "NVIDIA H200, driver 580.159.04, torch 2.11 (cu130), Triton 2.51 (shared/notes/gpu-device.md)"
 
 # Exact parameter counts (checked against the real modules in tests/test_plan.py).
-# Whisper, from export.whisper.DIMS: conv stem, 12 d^2 + 12 d per encoder block, 16 d^2 + 17 d per decoder block.
+# Whisper: ModelDimensions of the official checkpoints (export.whisper builds its synthetic weights from these);
+# conv stem, 12 d^2 + 12 d per encoder block, 16 d^2 + 17 d per decoder block.
 WHISPER_DIMS = {  # n_mels, n_audio_ctx, n_audio_state, n_audio_head, n_audio_layer, n_vocab, n_text_ctx,
-    # n_text_state, n_text_head, n_text_layer (as export.whisper.DIMS, kept here so this module stays pure)
+    # n_text_state, n_text_head, n_text_layer
     "tiny": (80, 1500, 384, 6, 4, 51865, 448, 384, 6, 4),
     "base": (80, 1500, 512, 8, 6, 51865, 448, 512, 8, 6),
     "small": (80, 1500, 768, 12, 12, 51865, 448, 768, 12, 12),

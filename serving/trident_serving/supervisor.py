@@ -114,27 +114,51 @@ def triton_pid(pid: int, proc: Path = Path("/proc")) -> int:
 
 @dataclass
 class StubWatch:
-    """Which models lost a stub since the last look: plain bookkeeping, fed with observations."""
+    """Which models lost a stub since the last look: plain bookkeeping, fed with observations.
 
-    known: dict[str, set[int]] = field(default_factory=dict)  # model -> stub PIDs seen while it was READY
+    A death is an instance (e.g. `easyocr_0_1`) of a READY model left without a live stub. Not deaths: stubs of
+    models that are not READY (loading, unloading, unloaded by an operator), and the old stubs of a model that
+    Triton swaps for a new copy while it stays READY (`load` again, e.g. with a config override): new stub PIDs
+    appear first, then the old ones exit, so for `settle_seconds` after new PIDs show up the model's instances
+    are taken as they are.
+    """
 
-    def update(self, stubs: dict[int, Stub], states: dict[str, str]) -> dict[str, list[int]]:
+    settle_seconds: float = 15.0
+    known: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> {instance: stub PID} while READY
+    seen: dict[str, set[int]] = field(default_factory=dict)  # model -> every stub PID seen while READY
+    settling: dict[str, float] = field(default_factory=dict)  # model -> monotonic time its swap is over
+
+    def update(self, stubs: dict[int, Stub], states: dict[str, str],
+               now: float | None = None) -> dict[str, list[int]]:
         """Record `stubs` (the live ones) and the models' `states`; returns {model: [dead PIDs]} for every READY
-        model with a stub that was seen before and is gone. Models not READY (loading, unloading, unloaded by an
-        operator) are forgotten: their stubs come and go on purpose."""
-        live: dict[str, set[int]] = {}
+        model that lost an instance's stub (each death is reported once)."""
+        now = time.monotonic() if now is None else now
+        live: dict[str, dict[str, int]] = {}
         for stub in stubs.values():
-            live.setdefault(stub.model, set()).add(stub.pid)
+            live.setdefault(stub.model, {})[stub.instance] = stub.pid
         dead = {}
-        for model in list(self.known):
+        for model in set(self.known) | set(live):
+            current = live.get(model, {})
             if states.get(model) != "READY":
-                del self.known[model]
-            elif self.known[model] - live.get(model, set()):
-                dead[model] = sorted(self.known.pop(model) - live.get(model, set()))
-        for model, pids in live.items():
-            if states.get(model) == "READY" and model not in dead:
-                self.known.setdefault(model, set()).update(pids)
+                self._forget(model)
+                continue
+            if model in self.seen and set(current.values()) - self.seen[model]:
+                self.settling[model] = now + self.settle_seconds  # Triton is swapping in a new copy
+            self.seen.setdefault(model, set()).update(current.values())
+            if now < self.settling.get(model, 0.0):
+                self.known[model] = dict(current)
+                continue
+            missing = [pid for instance, pid in self.known.get(model, {}).items() if instance not in current]
+            if missing:
+                dead[model] = sorted(missing)
+                self._forget(model)
+            else:
+                self.known[model] = {**self.known.get(model, {}), **current}
         return dead
+
+    def _forget(self, model: str) -> None:
+        for table in (self.known, self.seen, self.settling):
+            table.pop(model, None)
 
 
 class Triton:
