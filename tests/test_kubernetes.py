@@ -72,14 +72,16 @@ def test_deployment_serves_the_trident_image_on_a_gpu(rendered):
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "trident-triton:24.10"
-    assert "--model-repository=/models" in container["command"]
+    assert container["command"][:5] == ["python3", "-m", "trident_serving.supervisor", "--", "tritonserver"]
+    assert {"--model-repository=/models", "--model-control-mode=explicit", "--load-model=*"} <= set(container["command"])
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "grpc": 8001,
                                                                             "metrics": 8002}
     resources = container["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
     assert resources["limits"]["memory"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}, probe
+    assert container["livenessProbe"]["exec"]["command"][:4] == ["python3", "-m", "trident_serving.supervisor", "check"]
     # Liveness gives up only after readiness has failed for minutes; readiness reacts within seconds.
     live, ready = container["livenessProbe"], container["readinessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] >= 60 > ready["periodSeconds"] * ready["failureThreshold"]
