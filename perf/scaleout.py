@@ -65,7 +65,7 @@ class ScaleOutOptions:
     # request into the next batch); traffic beyond capacity does, which is what should add replicas. The
     # backlog must outlast the rate window, whatever the machine's speed: hence a duration, not a count.
     load_requests: int = 64
-    overload: float = 3.0
+    overload: float = 5.0
     overload_seconds: float = 4.0
     client_seconds: float = 4.0  # client-side round-robin phase
     kill_seconds: float = 10.0  # proxy phase during which one replica is killed ...
@@ -533,7 +533,7 @@ def run(options: ScaleOutOptions, log=print) -> Report:
                                f"nginx error log:\n{nginx_log(work)}")
         log(f"HTTP via nginx: per replica {report.http_per_replica}")
 
-        # 2. perf_analyzer through the proxy, offering 3x that capacity: queues build on every replica, as
+        # 2. perf_analyzer through the proxy, offering 5x that capacity: queues build on every replica, as
         #    when traffic outgrows a Deployment; then it stops and they drain.
         report.offered_rate = round(options.overload * capacity, 2)
         report.offered_requests = max(options.load_requests,

@@ -43,7 +43,7 @@ def test_decode_drops_alpha_and_expands_gray():
 
 
 @pytest.mark.parametrize("data, message", [(b"", "empty"), (b"GIF89a" + b"\0" * 20, "could not be decoded"),
-                                           (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "truncated PNG")])
+                                           (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "PNG file without its IHDR header")])
 def test_decode_errors(data, message):
     with pytest.raises(InvalidInput, match=message):
         decode_image(data)
