@@ -201,6 +201,20 @@ def count_layers(names: set[str], prefix: str) -> int:
     return len(found)
 
 
+def map_block(m, src: str, dst: str, cross_attention: bool = False) -> None:
+    """One residual attention block of either stack: self-attention, (decoder) cross-attention, MLP."""
+    m.layer_norm(f"{src}/self_attention/layer_norm", f"{dst}.attn_ln")
+    m.projections(f"{src}/self_attention/linear_0", (f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"))
+    m.linear(f"{src}/self_attention/linear_1", f"{dst}.attn.out")
+    if cross_attention:
+        m.layer_norm(f"{src}/attention/layer_norm", f"{dst}.cross_attn_ln")
+        m.linear(f"{src}/attention/linear_0", f"{dst}.cross_attn.query")
+        m.projections(f"{src}/attention/linear_1", (f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"))
+        m.linear(f"{src}/attention/linear_2", f"{dst}.cross_attn.out")
+    m.layer_norm(f"{src}/ffn/layer_norm", f"{dst}.mlp_ln")
+    m.linear(f"{src}/ffn/linear_0", f"{dst}.mlp.0")
+    m.linear(f"{src}/ffn/linear_1", f"{dst}.mlp.2")
+
 def to_whisper_checkpoint(model: CT2Model, alignment_heads: list[list[int]] | None = None) -> dict:
     """Map a parsed CTranslate2 Whisper model onto openai-whisper's checkpoint: {"dims", "model_state_dict"}.
 
@@ -233,29 +247,13 @@ def to_whisper_checkpoint(model: CT2Model, alignment_heads: list[list[int]] | No
     m.linear("encoder/conv2", "encoder.conv2")
     m.copy("encoder/position_encodings/encodings", "encoder.positional_embedding")
     for i in range(n_audio_layer):
-        src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
-        m.layer_norm(f"{src}/self_attention/layer_norm", f"{dst}.attn_ln")
-        m.projections(f"{src}/self_attention/linear_0", (f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"))
-        m.linear(f"{src}/self_attention/linear_1", f"{dst}.attn.out")
-        m.layer_norm(f"{src}/ffn/layer_norm", f"{dst}.mlp_ln")
-        m.linear(f"{src}/ffn/linear_0", f"{dst}.mlp.0")
-        m.linear(f"{src}/ffn/linear_1", f"{dst}.mlp.2")
+        map_block(m, f"encoder/layer_{i}", f"encoder.blocks.{i}")
     m.layer_norm("encoder/layer_norm", "encoder.ln_post")
 
     m.copy("decoder/embeddings/weight", "decoder.token_embedding.weight")
     m.copy("decoder/position_encodings/encodings", "decoder.positional_embedding")
     for i in range(n_text_layer):
-        src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-        m.layer_norm(f"{src}/self_attention/layer_norm", f"{dst}.attn_ln")
-        m.projections(f"{src}/self_attention/linear_0", (f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"))
-        m.linear(f"{src}/self_attention/linear_1", f"{dst}.attn.out")
-        m.layer_norm(f"{src}/attention/layer_norm", f"{dst}.cross_attn_ln")
-        m.linear(f"{src}/attention/linear_0", f"{dst}.cross_attn.query")
-        m.projections(f"{src}/attention/linear_1", (f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"))
-        m.linear(f"{src}/attention/linear_2", f"{dst}.cross_attn.out")
-        m.layer_norm(f"{src}/ffn/layer_norm", f"{dst}.mlp_ln")
-        m.linear(f"{src}/ffn/linear_0", f"{dst}.mlp.0")
-        m.linear(f"{src}/ffn/linear_1", f"{dst}.mlp.2")
+        map_block(m, f"decoder/layer_{i}", f"decoder.blocks.{i}", cross_attention=True)
     m.layer_norm("decoder/layer_norm", "decoder.ln")
 
     n_audio_head, n_text_head = m.scalar("encoder/num_heads"), m.scalar("decoder/num_heads")
