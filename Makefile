@@ -105,7 +105,7 @@ MODE ?=
 perf: venv system-deps
 	$(PY) -m perf $(if $(MODE),--mode $(MODE))
 
-# Robustness (README "Fuzzing and soak"): a server on free loopback ports, synthetic weights exported into
+# Robustness (README "Fuzzing and soak"): a server on free loopback ports, `make perf`'s CPU weights exported into
 # perf/results/repository-cpu unless present. `make fuzz N=1000`: mutated inputs to every model, no crash allowed;
 # `make soak SOAK_SECONDS=600`: all models at concurrency 32, no failed request allowed, p99 and server memory.
 N ?= 200

@@ -4,8 +4,8 @@
     python -m perf --mode cpu --models detect,easyocr
     python -m perf --url 127.0.0.1:8001 --no-toggle --repository DIR   # a server already running
 
-Without --url it exports synthetic weights into perf/results/repository (unless --repository names an exported
-one), starts the local Triton server in explicit model-control mode on free ports, and stops it at the end.
+Without --url it exports the mode's weights into perf/results/repository-<cpu|gpu> (unless --repository names an
+exported one; see `exports`), starts the local Triton server in explicit model-control mode on free ports, and stops it at the end.
 Writes results.csv, results.json, throughput.png, latency.png, server_split.png and report.md into --out.
 A perf_analyzer failure stops the run with perf_analyzer's own message (exit status 1).
 """
@@ -20,12 +20,6 @@ from pathlib import Path
 from . import analyzer, inputs, report, suite
 
 ROOT = Path(__file__).resolve().parent.parent
-# Synthetic weights per mode: CPU mode keeps whisper at `tiny` (its random weights decode 224 tokens a window).
-EXPORTS = {
-    "cpu": [["yolo", "--size", "n", "--flavour", "python"], ["whisper", "--size", "tiny"], ["easyocr"]],
-    "gpu": [["yolo", "--size", "n", "--flavour", "python", "--kind", "gpu"],
-            ["whisper", "--size", "small", "--kind", "gpu"], ["easyocr", "--kind", "gpu"]],
-}
 
 
 def default_mode() -> str:
@@ -34,12 +28,31 @@ def default_mode() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def exports(mode: str) -> list[list[str]]:
+    """`python -m export` arguments per mode.
+
+    cpu: the real weights that install offline from the package index where they exist (Whisper base,
+    EasyOCR English: realistic token counts and text boxes, hence realistic times) and YOLOv8n synthetic
+    (the network costs the same whatever its weights). gpu: synthetic weights of the real sizes (Whisper
+    small, EasyOCR ko+en), as nothing can be downloaded there.
+    """
+    if mode == "gpu":
+        return [["yolo", "--size", "n", "--flavour", "python", "--kind", "gpu", "--weights", "synthetic"],
+                ["whisper", "--size", "small", "--kind", "gpu", "--weights", "synthetic"],
+                ["easyocr", "--kind", "gpu", "--weights", "synthetic"]]
+    import easyocr_en_models
+
+    return [["yolo", "--size", "n", "--flavour", "python", "--weights", "synthetic"],
+            ["whisper", "--weights", "base-offline"],
+            ["easyocr", "--lang", "en", "--weights", str(easyocr_en_models.model_dir())]]
+
+
 def export(repository: Path, mode: str, models: tuple[str, ...]) -> None:
-    """Synthetic weights of the models to measure into `repository` (cached under ~/.cache/trident)."""
+    """The weights of the models to measure into `repository` (converted and cached under ~/.cache/trident)."""
     wanted = {"yolo": {"detect", "yolov8"}, "whisper": {"whisper"}, "easyocr": {"easyocr"}}
-    for args in EXPORTS[mode]:
+    for args in exports(mode):
         if wanted[args[0]] & set(models):
-            subprocess.run([sys.executable, "-m", "export", *args, "--weights", "synthetic", "--repo", str(repository)],
+            subprocess.run([sys.executable, "-m", "export", *args, "--repo", str(repository)],
                            cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -56,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cpu: ~10 min on 2 cores; gpu: full sweep; smoke: seconds (default: gpu if CUDA)")
     parser.add_argument("--models", default=",".join(suite.MODELS), help="comma separated (default: all four)")
     parser.add_argument("--repository", type=Path, default=None,
-                        help="an exported model repository (default: export synthetic weights into "
-                        "perf/results/repository)")
+                        help="an exported model repository (default: export the mode's weights into "
+                        "perf/results/repository-<mode>)")
     parser.add_argument("--data", type=Path, default=inputs.DEFAULT_DIR, help="input files (generated if missing)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: perf/results/<mode>)")
     parser.add_argument("--url", default=None, help="gRPC address of a running server (default: start one)")
@@ -87,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             raise SystemExit("--url needs --repository (the baselines load the served weights from it)")
         repository = ROOT / "perf" / "results" / f"repository-{'gpu' if mode == 'gpu' else 'cpu'}"
-        print(f"exporting synthetic weights into {repository} ...", flush=True)
+        print(f"exporting weights into {repository} ...", flush=True)
         export(repository, "gpu" if mode == "gpu" else "cpu", models)
     manifest_file = args.data / "manifest.json"
     manifest = inputs.Manifest.load(args.data) if manifest_file.exists() else inputs.generate(args.data)

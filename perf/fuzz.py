@@ -1,6 +1,6 @@
 """`python -m perf.fuzz`: mutated inputs against every model; the server must answer each one and stay up.
 
-    python -m perf.fuzz -n 1000                  # export synthetic weights if needed, start a server, fuzz, stop
+    python -m perf.fuzz -n 1000                  # export the CPU weights if needed, start a server, fuzz, stop
     python -m perf.fuzz -n 200 --url 127.0.0.1:8001 --http-url 127.0.0.1:8000   # a server already running
 
 Every case is a valid input (committed test images and speech, generated images in every accepted format,
@@ -440,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-url", help="its HTTP address (default: the gRPC host, port 8000)")
     parser.add_argument("--server-pid", type=int, help="with --url: its PID (or its supervisor's), so that stub "
                         "deaths are seen even when the supervisor repairs them")
-    parser.add_argument("--repository", type=Path, help="exported repository to serve (default: synthetic weights "
-                        "exported into perf/results/repository-cpu)")
+    parser.add_argument("--repository", type=Path, help="exported repository to serve (default: the perf suite's CPU "
+                        "export in perf/results/repository-cpu)")
     parser.add_argument("--max-seconds", type=float, help="send no new case after this long (default: no limit)")
     parser.add_argument("--out", type=Path, default=ROOT / "perf" / "results" / "fuzz")
     args = parser.parse_args(argv)
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
 
 class serving:
     """Context manager: (gRPC url, HTTP url, server PID or None) of the given server, or of one started here on
-    free ports from `repository` (exported with synthetic weights first if it has no export.json)."""
+    free ports from `repository` (exported first, as `python -m perf` does in CPU mode, if it has no export.json)."""
 
     def __init__(self, url: str | None, http_url: str | None, repository: Path | None, run_dir: Path):
         self.url, self.http_url, self.repository, self.run_dir = url, http_url, repository, run_dir
@@ -481,7 +481,7 @@ class serving:
         repository = self.repository or ROOT / "perf" / "results" / "repository-cpu"
         manifest = repository / "export.json"
         if not manifest.exists() or not {"yolov8", "whisper", "easyocr"} <= set(json.loads(manifest.read_text())):
-            print(f"exporting synthetic weights into {repository} ...", flush=True)
+            print(f"exporting weights into {repository} ...", flush=True)
             export(repository, "cpu", MODELS)
         self.options = server.ServerOptions(repository=repository, run_dir=self.run_dir, http_port=free_port(),
                                             grpc_port=free_port(), metrics_port=free_port(), ready_timeout=1200)

@@ -220,7 +220,14 @@ def _ratio(value) -> str:
 def _weights(entry) -> str:
     if not isinstance(entry, dict):
         return str(entry)
-    kind = "synthetic (random)" if entry.get("synthetic") else "official"
+    if entry.get("synthetic"):
+        kind = "synthetic (random)"
+    elif entry.get("weights") == "official":
+        kind = "official"
+    elif entry.get("converted_from"):  # e.g. Whisper base from the offline packages
+        kind = f"real (converted from CTranslate2 {Path(entry['converted_from']).name})"
+    else:  # local files, e.g. EasyOCR English from the offline package
+        kind = f"real ({'/'.join(Path(entry.get('weights', '')).parts[-2:])})"
     size = entry.get("size") or ",".join(entry.get("lang", []))
     return f"{size} {kind}".strip()
 

@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import urllib.request
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ import numpy as np
 import yaml
 
 from perf import analyzer
+from perf.prometheus import LocalPrometheus
 from trident import Client
 from trident.balancing import static_target
 from trident_serving import server
@@ -257,56 +257,20 @@ def start_nginx(replicas: list[Replica], work: Path) -> tuple[Process, int, int]
     return process, grpc_port, http_port
 
 
-class Prometheus:
-    """A real Prometheus scraping every replica, labelled as the PodMonitor labels pods."""
-
-    def __init__(self, replicas: list[Replica], work: Path, scrape_interval: str):
-        directory = work / "prometheus"
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {
-            "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-            "scrape_configs": [{
-                "job_name": "trident",
-                "static_configs": [{"targets": [f"127.0.0.1:{r.options.metrics_port}"],
-                                    "labels": {"namespace": NAMESPACE, "pod": r.name}} for r in replicas],
-            }],
-        }
-        (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.port = free_port()
-        binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-        self.process = Process([binary, f"--config.file={directory / 'prometheus.yml'}",
-                                f"--storage.tsdb.path={directory / 'data'}",
-                                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                               directory / "prometheus.log")
-        self.replicas = replicas
-        wait_for(lambda: (self.process.check_alive("prometheus"), self._ready())[1], 60, "prometheus")
-
-    def _ready(self) -> bool:
-        # The port opens before the storage is: queries answer 503 until /-/ready says 200.
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def query(self, expr: str) -> dict[str, float]:
-        """Evaluate `expr` now; {pod label (or "") : value}. Raises on a PromQL error."""
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.load(response)
-        if body.get("status") != "success":
-            raise ValueError(f"PromQL failed: {expr}: {body}")
-        return {r["metric"].get("pod", ""): float(r["value"][1]) for r in body["data"]["result"]}
-
-    def wait_scraped(self, timeout: float = 60.0) -> None:
-        """Until every replica's target is up and its Triton metrics are stored."""
-        wanted = {r.name for r in self.replicas}
-        wait_for(lambda: {p for p, v in self.query(f'up{{namespace="{NAMESPACE}"}}').items() if v == 1} >= wanted
-                 and set(self.query('nv_inference_queue_duration_us{model="%s"}' % MODEL)) >= wanted,
-                 timeout, "Prometheus scrape of every replica", interval=0.5)
-
-    def stop(self) -> None:
-        self.process.stop()
+def start_prometheus(replicas: list[Replica], work: Path, scrape_interval: str) -> LocalPrometheus:
+    """A real Prometheus scraping every replica, labelled as the PodMonitor labels pods; returns once it has
+    stored every replica's Triton metrics."""
+    prometheus = LocalPrometheus({f"127.0.0.1:{r.options.metrics_port}": {"namespace": NAMESPACE, "pod": r.name}
+                                  for r in replicas}, work / "prometheus", scrape_interval)
+    wanted = {r.name for r in replicas}
+    try:
+        wait_for(lambda: {p for p, v in prometheus.query(f'up{{namespace="{NAMESPACE}"}}').items() if v == 1} >= wanted
+                 and set(prometheus.query('nv_inference_queue_duration_us{model="%s"}' % MODEL)) >= wanted,
+                 60, "Prometheus scrape of every replica", interval=0.5)
+    except BaseException:
+        prometheus.stop()
+        raise
+    return prometheus
 
 
 # -- the adapter rules, as Prometheus Adapter renders them ---------------------------------------------------
@@ -418,7 +382,7 @@ def client_load(url: str, concurrency: int, seconds: float, at: float | None = N
     return outcomes
 
 
-def hpa_value(prometheus: Prometheus, query: str) -> float:
+def hpa_value(prometheus: LocalPrometheus, query: str) -> float:
     """The metric as the HPA compares it with an AverageValue target: the mean over the pods reporting it."""
     values = list(prometheus.query(query).values())
     return sum(values) / len(values) if values else 0.0
@@ -489,9 +453,8 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         log(f"{len(replicas)} replicas ready: gRPC ports {[r.options.grpc_port for r in replicas]}")
         nginx, grpc_port, http_port = start_nginx(replicas, work)
         stack.callback(nginx.stop)
-        prometheus = Prometheus(replicas, work, options.scrape_interval)
+        prometheus = start_prometheus(replicas, work, options.scrape_interval)
         stack.callback(prometheus.stop)
-        prometheus.wait_scraped()
         log(f"nginx gRPC :{grpc_port} HTTP :{http_port}, Prometheus :{prometheus.port}")
 
         report = Report(replicas=len(replicas))

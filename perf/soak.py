@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--url", help="gRPC address of a loopback server already running (default: start one)")
     parser.add_argument("--server-pid", type=int, help="with --url: its PID, for the memory figures")
-    parser.add_argument("--repository", type=Path, help="exported repository to serve (default: synthetic "
-                        "weights exported into perf/results/repository-cpu)")
+    parser.add_argument("--repository", type=Path, help="exported repository to serve (default: the perf "
+                        "suite's CPU export in perf/results/repository-cpu)")
     parser.add_argument("--out", type=Path, default=ROOT / "perf" / "results" / "soak")
     args = parser.parse_args(argv)
     options = SoakOptions(seconds=args.seconds, concurrency=args.concurrency,

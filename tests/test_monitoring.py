@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,10 +20,12 @@ import numpy as np
 import pytest
 from ultralytics.utils import ASSETS
 
+from perf.prometheus import LocalPrometheus, PrometheusError
+from perf.prometheus import binary as prometheus_binary
 from trident import InvalidInputError
 from trident import stats as trident_stats
 
-from conftest import DATA, ROOT, free_port, selected_models
+from conftest import DATA, ROOT, selected_models
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "trident.json"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -39,10 +38,10 @@ WHISPER_SECONDS = (1.5, 2.5)  # two short clips decoded greedily: the cheapest r
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(f"{tool} not found: install Debian's `prometheus` package (make system-deps)")
-    return path
+    try:
+        return prometheus_binary(tool)
+    except PrometheusError as exc:
+        pytest.fail(str(exc))
 
 
 def test_promtool_accepts_the_shipped_config():
@@ -172,61 +171,17 @@ def test_dashboard_is_well_formed():
     assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource", "model"]
 
 
-class Prometheus:
-    """A real Prometheus on loopback scraping the test server's metrics port every second."""
-
-    def __init__(self, metrics_port: int, folder: Path):
-        self.port = free_port()
-        self.started = time.time()  # reset when traffic starts: where the rendered picture begins
-        config = folder / "prometheus.yml"
-        config.write_text(
-            "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
-            "scrape_configs:\n"
-            f"  - job_name: triton\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n")
-        self.process = subprocess.Popen(
-            [need("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-            stdout=subprocess.DEVNULL, stderr=open(folder / "prometheus.log", "wb"))
-        deadline = time.monotonic() + 30
-        while not self.ready():
-            assert self.process.poll() is None, (folder / "prometheus.log").read_text()
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.2)
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def api(self, path: str, **params) -> dict:
-        """GET /api/v1/<path>; a PromQL error comes back as {'status': 'error', ...}."""
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        try:
-            with urllib.request.urlopen(url, timeout=120) as response:  # generous: CI machines are shared
-                return json.load(response)
-        except urllib.error.HTTPError as exc:  # 400 bad_data / 422 execution errors carry a JSON body
-            return json.load(exc)
-
-    def scraped_up(self) -> bool:
-        result = self.api("query", query='up{job="triton"}')["data"]["result"]
-        return bool(result) and result[0]["value"][1] == "1"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def traffic(triton, tmp_path_factory):
     """Prometheus started, then every exported model's traffic sent while it scrapes.
 
     Returns (prometheus, metrics before, metrics after, what was sent)."""
-    prometheus = Prometheus(triton.options.metrics_port, tmp_path_factory.mktemp("prometheus"))
+    need("prometheus")
+    prometheus = LocalPrometheus({f"127.0.0.1:{triton.options.metrics_port}": {}},
+                                 tmp_path_factory.mktemp("prometheus"))
     try:
         deadline = time.monotonic() + 20
-        while not prometheus.scraped_up():
+        while prometheus.query('up{job="triton"}', label="job") != {"triton": 1.0}:
             assert time.monotonic() < deadline, "prometheus never scraped the test server"
             time.sleep(0.5)
         url = f"http://127.0.0.1:{triton.options.metrics_port}/metrics"
@@ -367,7 +322,7 @@ def test_render_dashboard_png(traffic, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000, "the picture must hold the drawn panels"
 
 
-def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Path) -> None:
+def render_dashboard(prometheus: LocalPrometheus, start: float, end: float, path: Path) -> None:
     """Lay the panels out on Grafana's 24-column grid and plot each query's series over [start, end]."""
     import matplotlib
 
