@@ -64,6 +64,11 @@ def set_instance_kind(config: Path, kind: str) -> None:
         config.write_text(re.sub(r"kind: KIND_\w+", f"kind: KIND_{kind.upper()}", config.read_text()))
 
 
+def set_instance_count(config: Path, count: int) -> None:
+    """Set the `count` of the (single) instance_group entry."""
+    config.write_text(re.sub(r"(instance_group \[ \{ count: )\d+", rf"\g<1>{count}", config.read_text()))
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, weights_help: str,
                          kind_help: str = "instance kind (auto: GPU where the server has one, else CPU)") -> None:
     """The options every exporter takes: --weights, --seed, --kind and --repo."""

@@ -10,6 +10,7 @@ import json
 import re
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -137,6 +138,8 @@ def easyocr_readtext(repository: Path, files: list[Path], min_seconds: float,
     """`Reader.readtext(path)` with a Reader built from the served weights exactly as the model builds it."""
     from trident_serving.ocr import load_reader
 
+    # readtext's DataLoader asks for pinned memory on every call: one warning per page on a CPU
+    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true", category=UserWarning)
     dev = device()
     reader = load_reader(repository / "easyocr" / "1" / "weights", dev)
     latencies = measure(lambda f: reader.readtext(str(f)), files, min_seconds, max_calls)

@@ -89,6 +89,19 @@ def deserialize_bytes(element: dict) -> bytes:
     return raw[4:]
 
 
+def read_entry(entry: dict) -> dict[str, np.ndarray]:
+    """One entry of an --input-data file as the tensors perf_analyzer sends (with the batch axis)."""
+    tensors = {}
+    for name, element in entry.items():
+        if "shape" not in element:  # BYTES
+            tensors[name] = np.array([[deserialize_bytes(element)]], dtype=np.object_)
+        elif "b64" in element:
+            tensors[name] = np.frombuffer(base64.b64decode(element["b64"]), "<f4").reshape(1, *element["shape"])
+        else:
+            tensors[name] = np.asarray(element["content"], np.float32).reshape(1, *element["shape"])
+    return tensors
+
+
 def write_input_data(path: Path, entries: list[dict]) -> None:
     """perf_analyzer's --input-data file: {"data": [ {input: element, ...}, ... ]}, sent in turn."""
     path.write_text(json.dumps({"data": entries}))

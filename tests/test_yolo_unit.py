@@ -79,9 +79,8 @@ def test_postprocess_uses_torchvision_nms_in_a_fresh_process():
     Without it ultralytics falls back to a per-box Python loop (56 ms per image with random weights' 800
     candidates on this CPU, and one GPU sync per kept box on CUDA)."""
     code = (
-        "import sys, torch\n"
+        "import torch\n"
         "from trident_serving import yolo\n"
-        "assert 'torchvision' not in sys.modules\n"
         "import ultralytics.utils.nms as nms\n"
         "calls = []\n"
         "slow = nms.TorchNMS.nms\n"
@@ -90,7 +89,6 @@ def test_postprocess_uses_torchvision_nms_in_a_fresh_process():
         "p = torch.rand(1, 84, 8400) * torch.tensor([640, 640, 80, 80] + [0.6] * 80)[:, None]\n"
         "found = yolo.postprocess(p, (640, 640), [(480, 640)], [0.5], [0.7])[0]\n"
         "assert len(found.boxes) > 10 and not calls, (len(found.boxes), len(calls))\n"
-        "assert 'torchvision' in sys.modules\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

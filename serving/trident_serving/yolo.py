@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torchvision  # noqa: F401  ultralytics' NMS takes torchvision's kernel only if it is already imported
+# (YOLO.predict always has it); its fallback loops in Python over kept boxes: 56 ms against 2.7 ms per image on
+# CPU (perf/LOG.md), and one GPU sync per kept box on CUDA.
 
 from .errors import InvalidInput
 
@@ -56,11 +59,7 @@ def to_model_input(letterboxed: list[np.ndarray], device: torch.device, half: bo
 def postprocess(prediction: torch.Tensor, input_hw: tuple[int, int], original_hw: list[tuple[int, int]],
                 conf: list[float], iou: list[float], max_det: int = MAX_DET) -> list[Detections]:
     """NMS and box scaling per image (each request may carry its own thresholds)."""
-    import torchvision  # noqa: F401  (below)
     from ultralytics.utils import nms, ops
-
-    # ultralytics takes torchvision's NMS kernel only if torchvision is already imported (YOLO.predict always
-    # has it); its fallback loops in Python over kept boxes: 56 ms against 2.7 ms per image (perf/LOG.md).
 
     results = []
     for i, hw in enumerate(original_hw):
