@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .baselines import Baseline
 from .inputs import Manifest
-from .suite import Result
+from .suite import SETTINGS, Result
 
 PACKAGES = ("tritonclient", "nvidia-pytriton", "torch", "onnxruntime", "ultralytics", "openai-whisper", "easyocr",
             "numpy")
@@ -176,8 +176,9 @@ def markdown(env: dict, table: list[dict], found: list[Baseline], sets: dict[str
              f"(a load above the core count means other work shared the CPU: compare ratios, not absolutes)",
              "* versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
              "* weights: " + "; ".join(f"{k}: {_weights(v)}" for k, v in env["weights"].items()),
-             "* perf_analyzer 2.51 over gRPC (`yolov8` with `--shared-memory system`), time windows, one "
-             "concurrency level per run; baselines: the reference library in-process, sequential, same inputs "
+             "* perf_analyzer 2.51 over gRPC (`yolov8` with `--shared-memory system`), "
+             f"{'count' if SETTINGS[mode][0] == 'count' else 'time'} windows, one "
+             "concurrency level per run, one unmeasured warm-up request per model load; baselines: the reference library in-process, sequential, same inputs "
              "and weights, measured right before the model's served runs", ""]
     lines += [f"* note: {n}" for n in notes]
     lines += ["", "## Inputs", "", "| set | model | files | note |", "| --- | --- | --- | --- |"]
