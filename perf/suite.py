@@ -158,17 +158,25 @@ class Loader:
 def warm_up(url: str, model: str, input_data: Path) -> None:
     """One unmeasured request with the input set's first entry. The first request after a load pays one-off
     costs (lazy imports, allocator growth, the runtime's first run: up to 2 s on a CPU) that would otherwise
-    weigh on a short count window; the baselines warm up the same way."""
+    weigh on a short count window; the baselines warm up the same way. Input data it cannot read, or a request
+    the server refuses, is left to perf_analyzer to report in its own words."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
-    tensors = read_entry(json.loads(input_data.read_text())["data"][0])
+    try:
+        tensors = read_entry(json.loads(input_data.read_text())["data"][0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return
     request = []
     for name, array in tensors.items():
         tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else "FP32")
         tensor.set_data_from_numpy(array)
         request.append(tensor)
     with grpcclient.InferenceServerClient(url) as client:
-        client.infer(model, request, client_timeout=900)
+        try:
+            client.infer(model, request, client_timeout=900)
+        except InferenceServerException:
+            pass
 
 
 def run(options: SuiteOptions, manifest: Manifest, progress: bool = True,

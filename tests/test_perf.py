@@ -28,6 +28,11 @@ def test_input_data_round_trip(data):
         assert len(entries) == len(input_set.files) >= 2
         for entry, name in zip(entries, input_set.files):
             original = data.path(name).read_bytes()
+            sent = inputs.read_entry(entry)  # what the suite's warm-up request sends
+            if input_set.model == "yolov8":
+                np.testing.assert_array_equal(sent["images"], inputs.letterboxed(original)[None])
+            else:
+                assert sent["AUDIO" if input_set.model == "whisper" else "IMAGE"].tolist() == [[original]]
             if input_set.model == "yolov8":
                 element = entry["images"]
                 tensor = np.frombuffer(base64.b64decode(element["b64"]), "<f4").reshape(element["shape"])
