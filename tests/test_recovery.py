@@ -246,3 +246,28 @@ def test_killed_stub_is_detected_reported_and_reloaded(recovery_server, victim, 
     log = recovery_server.options.log_file.read_text(errors="replace")
     assert f"stub process [{stub.pid}] of model '{victim}' died: reloading the model" in log
     assert supervisor.check(http)[0]
+
+
+def test_stop_removes_the_shared_memory_regions_left_by_killed_processes():
+    """A killed stub or server leaves its region in /dev/shm (RAM); `server.stop` deletes ours that no process
+    maps any more, and keeps a mapped one."""
+    from trident_serving import server
+
+    since = time.time()
+    stale, live = (server.SHM_REGIONS / f"{server.SHM_PREFIX}test-{kind}-{os.getpid()}" for kind in ("stale", "live"))
+    for path in (stale, live):
+        path.write_bytes(b"\0" * 4096)
+    holder = subprocess.Popen([sys.executable, "-c", "import mmap, sys, time\nf = open(sys.argv[1], 'r+b')\n"
+                               "m = mmap.mmap(f.fileno(), 0)\nprint('mapped', flush=True)\ntime.sleep(120)",
+                               str(live)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        assert server.remove_stale_shared_memory(since=time.time() + 60) == []  # created before: not judged
+        removed = server.remove_stale_shared_memory(since=since)
+        assert stale.name in removed and not stale.exists()
+        assert live.exists() and live.name not in removed
+    finally:
+        holder.kill()
+        holder.wait()
+        for path in (stale, live):
+            path.unlink(missing_ok=True)

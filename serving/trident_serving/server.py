@@ -171,17 +171,74 @@ def start(options: ServerOptions) -> int:
 def stop(options: ServerOptions, timeout: float = 30.0) -> bool:
     """Stop the server recorded in the pid file (SIGTERM, then SIGKILL); returns whether one was running."""
     pid = running_pid(options)
+    started = options.pid_file.stat().st_mtime if options.pid_file.exists() else time.time()
     options.pid_file.unlink(missing_ok=True)
     if pid is None:
         return False
     os.killpg(pid, signal.SIGTERM)  # its own session: the stubs go with it
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.2)
-    os.killpg(pid, signal.SIGKILL)
+    if not _wait(lambda: not _alive(pid), timeout):
+        os.killpg(pid, signal.SIGKILL)
+        _wait(lambda: not _alive(pid), 10.0)
+    _wait(lambda: not _group_alive(pid), 10.0)  # the stubs exit after the server
+    remove_stale_shared_memory(since=started)
     return True
+
+
+def _wait(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+
+
+SHM_REGIONS = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def remove_stale_shared_memory(since: float) -> list[str]:
+    """Delete the Python backend's shared-memory regions that no process maps any more, among ours created
+    after `since`; returns their names.
+
+    Triton unlinks a stub's region when it unloads the model normally, but not when the stub or the server was
+    killed (the OOM killer, a crash, the supervisor's repair): each such region stays in /dev/shm, i.e. in RAM
+    (64 MiB to 320 MiB each), until reboot.
+    """
+    candidates = [p for p in SHM_REGIONS.glob(SHM_PREFIX + "*")
+                  if _owned_since(p, since)]
+    if not candidates:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or another user's process (whose regions are not ours to delete anyway)
+            continue
+        if SHM_PREFIX in text:
+            mapped.update(line.split(SHM_PREFIX, 1)[1].split()[0] for line in text.splitlines() if SHM_PREFIX in line)
+    removed = []
+    for path in candidates:
+        if path.name[len(SHM_PREFIX):] not in mapped:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _owned_since(path: Path, since: float) -> bool:
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and info.st_ctime >= since - 1
 
 
 def _alive(pid: int) -> bool:
