@@ -271,3 +271,65 @@ def test_stop_removes_the_shared_memory_regions_left_by_killed_processes():
         holder.wait()
         for path in (stale, live):
             path.unlink(missing_ok=True)
+
+
+def test_supervisor_restarts_a_dying_server_a_bounded_number_of_times(tmp_path):
+    """The restart bookkeeping on real processes: a command that always crashes is started 1 + N times, then the
+    supervisor exits with its status; one that crashes once is started twice; without --restarts, once."""
+    starts = tmp_path / "starts"
+    crash = f"echo x >> {starts}; kill -SEGV $$"
+    crash_once = f"echo x >> {starts}; [ $(wc -l < {starts}) -gt 1 ] || kill -SEGV $$"
+
+    def supervise(script: str, *flags: str) -> tuple[int, int, str]:
+        starts.unlink(missing_ok=True)
+        done = subprocess.run([sys.executable, "-m", "trident_serving.supervisor", "--interval", "0.1", *flags, "--",
+                               "sh", "-c", script], capture_output=True, text=True, timeout=120)
+        return done.returncode, len(starts.read_text().split()), done.stderr
+
+    code, runs, err = supervise(crash, "--restarts=2")
+    assert (code, runs) == (139, 3) and "its 3rd crash within 600 s: giving up" in err
+    code, runs, err = supervise(crash_once, "--restarts=2")
+    assert (code, runs) == (0, 2) and "exited with 139: starting it again (restart 1 of at most 2" in err
+    assert supervise(crash)[:2] == (139, 1)  # the container's default: exit, the restart policy decides
+
+
+def _mapped_regions(pid: int) -> set[str]:
+    from trident_serving import server
+
+    text = Path(f"/proc/{pid}/maps").read_text()
+    return {line.split(server.SHM_PREFIX, 1)[1].split()[0] for line in text.splitlines() if server.SHM_PREFIX in line}
+
+
+@pytest.mark.yolo
+def test_a_crashed_tritonserver_is_started_again(repository, tmp_path):
+    """tritonserver 2.51 itself can die (it segfaulted in libtriton_python when the OOM killer took a stub
+    mid-execution): the launcher's supervisor starts it again and deletes the shared memory the dead one left."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from conftest import serve
+    from trident_serving import server
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "yolov8").symlink_to(repository / "yolov8")
+    images = grpcclient.InferInput("images", [1, 3, 640, 640], "FP32")
+    images.set_data_from_numpy(np.zeros((1, 3, 640, 640), np.float32))
+    with serve(models, tmp_path / "run") as started:
+        http = f"127.0.0.1:{started.options.http_port}"
+        before = supervisor.triton_pid(int(started.options.pid_file.read_text()))
+        regions = _mapped_regions(before)
+        assert regions, "the server maps no Python backend region"
+        os.kill(before, signal.SIGSEGV)
+        killed = time.monotonic()
+        while True:
+            assert time.monotonic() - killed < 180, "tritonserver was not started again in time"
+            now = supervisor.triton_pid(int(started.options.pid_file.read_text()))
+            if now != before and supervisor.check(http)[0]:
+                break
+            time.sleep(0.5)
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{started.options.grpc_port}") as client:
+            assert client.infer("yolov8", [images]).as_numpy("output0").shape == (1, 84, 8400)
+        log = started.options.log_file.read_text(errors="replace")
+        assert "tritonserver exited with 139: starting it again (restart 1 of at most 3" in log
+        assert not any((server.SHM_REGIONS / f"{server.SHM_PREFIX}{name}").exists() for name in regions)

@@ -40,8 +40,10 @@ class ServerOptions:
     # `<name>:<count>[:<device>]` pools; none given: those of the repository's gpu_plan.json (export plan),
     # else Triton's default (each resource as large as the largest single instance asks for).
     rate_limit_resources: tuple[str, ...] = ()
-    # Run tritonserver under trident_serving.supervisor, which reloads a model whose stub process died.
+    # Run tritonserver under trident_serving.supervisor, which reloads a model whose stub process died, and
+    # starts tritonserver again when it dies itself, at most `restarts` times in 10 minutes.
     supervise: bool = True
+    restarts: int = 3
 
     @property
     def log_file(self) -> Path:
@@ -151,7 +153,8 @@ def start(options: ServerOptions) -> int:
         *(f"--rate-limit-resource={r}" for r in rate_limit_resources(options)),
     ]
     if options.supervise:
-        command = [sys.executable, "-m", "trident_serving.supervisor", "--", *command]
+        command = [sys.executable, "-m", "trident_serving.supervisor", f"--restarts={options.restarts}", "--",
+                   *command]
     with open(options.log_file, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(),
                                    start_new_session=True)

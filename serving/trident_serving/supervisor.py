@@ -16,7 +16,9 @@ also go red while any model of the repository is not READY, including one whose 
 reload is retried with backoff.
 
 The supervisor forwards SIGTERM/SIGINT to tritonserver, exits with its exit status, and reaps orphans, so it
-can be a container's PID 1.
+can be a container's PID 1. A tritonserver that itself dies (a crash, the OOM killer) makes it exit too, for the
+container's restart policy; with `--restarts N` (the local launcher's choice) it starts tritonserver again, at
+most N times within `--restart-window` seconds, after deleting the shared-memory regions the dead one left.
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ class SupervisorOptions:
     load_timeout: float = 900.0  # one load of one model (Whisper large on a busy GPU takes minutes)
     retry_delays: tuple[float, ...] = (5.0, 15.0, 60.0, 300.0)  # between failed reloads; the last repeats
     proc: Path = Path("/proc")
+    # A tritonserver that dies on its own is started again up to `restarts` times per `restart_window` seconds.
+    # 0 (the container's default): exit with its status and let compose or Kubernetes restart the container.
+    restarts: int = 0
+    restart_window: float = 600.0
+    restart_delay: float = 2.0
 
 
 def parse_stub(pid: int, argv: list[str]) -> Stub | None:
@@ -217,13 +224,14 @@ class Supervisor:
         self.options = options or SupervisorOptions()
         self.triton = Triton(self.options.url)
         self.watch = StubWatch()
+        self.stubs: dict[int, Stub] = {}  # as last seen
         self.recovering: set[str] = set()  # models being reloaded (their stubs come and go)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
 
     def poll(self) -> None:
         """One look: find dead stubs and start a reload for each model that lost one."""
-        stubs = find_stubs(self.server_pid, self.options.proc)
+        stubs = self.stubs = find_stubs(self.server_pid, self.options.proc)
         try:
             states = self.triton.states()
         except (OSError, ValueError):
@@ -288,21 +296,57 @@ def _flag(command: list[str], name: str, default: str) -> str:
 
 
 def run(command: list[str], options: SupervisorOptions) -> int:
-    """Start `command` (tritonserver), supervise its stubs until it exits; returns its exit status."""
+    """Start `command` (tritonserver) and supervise its stubs until it exits; returns its exit status.
+
+    With `options.restarts`, a tritonserver that dies on its own (a crash, the OOM killer) is started again, at
+    most that many times within `options.restart_window` seconds; a signal to the supervisor is a shutdown.
+    """
     if model_control(command) != "explicit":
         log.warning("tritonserver runs without --model-control-mode=explicit: a dead stub will be reported "
                     "but cannot be repaired (add --model-control-mode=explicit --load-model=*)")
-    server = subprocess.Popen(command)
-    supervisor = Supervisor(server.pid, options)
-    exit_status: list[int] = []
+    shutdown = threading.Event()
+    current: list[tuple[subprocess.Popen, Supervisor]] = []
 
     def forward(signum, _frame):
-        supervisor.stopping.set()  # stubs die on shutdown: not a failure to repair
-        if server.poll() is None:
-            server.send_signal(signum)
+        shutdown.set()
+        if current:
+            server, supervisor = current[-1]
+            supervisor.stopping.set()  # stubs die on shutdown: not a failure to repair
+            if server.poll() is None:
+                server.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    crashes: list[float] = []
+    while True:
+        started = time.time()
+        code = _supervise(command, options, current)
+        if shutdown.is_set() or code == 0:
+            return code
+        now = time.monotonic()
+        crashes = [t for t in crashes if now - t < options.restart_window] + [now]
+        if len(crashes) > options.restarts:
+            if options.restarts:
+                log.error("tritonserver exited with %d, its %d%s crash within %g s: giving up", code, len(crashes),
+                          {1: "st", 2: "nd", 3: "rd"}.get(len(crashes), "th"), options.restart_window)
+            return code
+        from .server import remove_stale_shared_memory  # the dead server's regions are RAM until deleted
+
+        removed = remove_stale_shared_memory(since=started)
+        log.error("tritonserver exited with %d: starting it again (restart %d of at most %d within %g s; %d "
+                  "shared-memory regions it left deleted)", code, len(crashes), options.restarts,
+                  options.restart_window, len(removed))
+        if shutdown.wait(options.restart_delay):
+            return code
+
+
+def _supervise(command: list[str], options: SupervisorOptions,
+               current: list[tuple[subprocess.Popen, Supervisor]]) -> int:
+    """One tritonserver process from start to exit; returns its exit status (128 + signal if killed)."""
+    server = subprocess.Popen(command)
+    supervisor = Supervisor(server.pid, options)
+    current.append((server, supervisor))
+    exit_status: list[int] = []
 
     def alive() -> bool:
         # Reap every exited child: as a container's PID 1 we inherit the orphans of tritonserver too.
@@ -322,8 +366,32 @@ def run(command: list[str], options: SupervisorOptions) -> int:
     supervisor.stopping.set()
     if not exit_status:
         exit_status.append(server.wait())
+    end_orphans(supervisor.stubs, options.proc)
     code = exit_status[0]
     return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+
+
+def end_orphans(stubs: dict[int, Stub], proc: Path = Path("/proc"), timeout: float = 10.0) -> None:
+    """SIGKILL the stubs a dead tritonserver left (they would hold its shared memory until they notice), and
+    wait until they are gone. A PID that is no longer a stub (exited, reused) is left alone."""
+    def still_stubs() -> list[int]:
+        found = []
+        for pid in stubs:
+            try:
+                if STUB in (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    for pid in still_stubs():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout
+    while still_stubs() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _reason(exc: BaseException) -> str:
@@ -357,9 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=SupervisorOptions.interval,
                         help="seconds between looks at the stub processes (default 1)")
     parser.add_argument("--load-timeout", type=float, default=SupervisorOptions.load_timeout)
+    parser.add_argument("--restarts", type=int, default=SupervisorOptions.restarts,
+                        help="start a tritonserver that died on its own again, at most this many times within "
+                        "--restart-window seconds (default 0: exit with its status)")
+    parser.add_argument("--restart-window", type=float, default=SupervisorOptions.restart_window)
     args = parser.parse_args(argv[:split])
     command = argv[split + 1:]
-    options = SupervisorOptions(url=http_url(command), interval=args.interval, load_timeout=args.load_timeout)
+    options = SupervisorOptions(url=http_url(command), interval=args.interval, load_timeout=args.load_timeout,
+                                restarts=args.restarts, restart_window=args.restart_window)
     return run(command, options)
 
 
