@@ -293,13 +293,6 @@ def test_supervisor_restarts_a_dying_server_a_bounded_number_of_times(tmp_path):
     assert supervise(crash)[:2] == (139, 1)  # the container's default: exit, the restart policy decides
 
 
-def _mapped_regions(pid: int) -> set[str]:
-    from trident_serving import server
-
-    text = Path(f"/proc/{pid}/maps").read_text()
-    return {line.split(server.SHM_PREFIX, 1)[1].split()[0] for line in text.splitlines() if server.SHM_PREFIX in line}
-
-
 @pytest.mark.yolo
 def test_a_crashed_tritonserver_is_started_again(repository, tmp_path):
     """tritonserver 2.51 itself can die (it segfaulted in libtriton_python when the OOM killer took a stub
@@ -318,7 +311,7 @@ def test_a_crashed_tritonserver_is_started_again(repository, tmp_path):
     with serve(models, tmp_path / "run") as started:
         http = f"127.0.0.1:{started.options.http_port}"
         before = supervisor.triton_pid(int(started.options.pid_file.read_text()))
-        regions = _mapped_regions(before)
+        regions = server.mapped_shared_memory(before)
         assert regions, "the server maps no Python backend region"
         os.kill(before, signal.SIGSEGV)
         killed = time.monotonic()

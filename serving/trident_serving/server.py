@@ -216,24 +216,28 @@ def remove_stale_shared_memory(since: float) -> list[str]:
     killed (the OOM killer, a crash, the supervisor's repair): each such region stays in /dev/shm, i.e. in RAM
     (64 MiB to 320 MiB each), until reboot.
     """
-    candidates = [p for p in SHM_REGIONS.glob(SHM_PREFIX + "*")
-                  if _owned_since(p, since)]
+    candidates = [p for p in SHM_REGIONS.glob(SHM_PREFIX + "*") if _owned_since(p, since)]
     if not candidates:
         return []
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            text = maps.read_text()
-        except OSError:  # gone, or another user's process (whose regions are not ours to delete anyway)
-            continue
-        if SHM_PREFIX in text:
-            mapped.update(line.split(SHM_PREFIX, 1)[1].split()[0] for line in text.splitlines() if SHM_PREFIX in line)
+    mapped = mapped_shared_memory()
     removed = []
     for path in candidates:
         if path.name[len(SHM_PREFIX):] not in mapped:
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
+
+
+def mapped_shared_memory(pid: int | None = None) -> set[str]:
+    """Names (after the prefix) of the Python backend regions mapped by `pid`, or by any readable process."""
+    names = set()
+    for maps in [Path(f"/proc/{pid}/maps")] if pid else Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or another user's process (whose regions are not ours to delete anyway)
+            continue
+        names.update(line.split(SHM_PREFIX, 1)[1].split()[0] for line in text.splitlines() if SHM_PREFIX in line)
+    return names
 
 
 def _owned_since(path: Path, since: float) -> bool:
