@@ -30,7 +30,7 @@ from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, dete
 from whisper.model import Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokenizer
 
-from .errors import Cancelled, InvalidInput
+from .errors import Cancelled, InvalidInput, shown
 
 INPUT_STRIDE = 2  # mel frames per output token (N_FRAMES // n_audio_ctx in every whisper model)
 TIME_PRECISION = INPUT_STRIDE * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp token: 0.02
@@ -134,7 +134,7 @@ class Scheduler:
         """Validate `options`; the language code (None: detect). Raises InvalidInput for a bad task,
         language or temperature schedule."""
         if options.task not in TASKS:
-            raise InvalidInput(f"unknown task {options.task!r}: use one of {', '.join(TASKS)}")
+            raise InvalidInput(f"unknown task {shown(options.task)}: use one of {', '.join(TASKS)}")
         temperatures = np.asarray(options.temperatures, dtype=np.float64)
         if not 1 <= temperatures.size <= MAX_TEMPERATURES or not np.isfinite(temperatures).all() \
                 or (temperatures < 0).any() or (temperatures > 2).any():
@@ -183,14 +183,14 @@ class Scheduler:
         """The model's code for `language` (a code or an English name), None to detect; InvalidInput if unknown."""
         if not self.model.is_multilingual:
             if language is not None and language.lower() not in ("en", "english"):
-                raise InvalidInput(f"language {language!r} is not supported: this model is English-only")
+                raise InvalidInput(f"language {shown(language)} is not supported: this model is English-only")
             return "en"
         if language is None:
             return None
         known = tuple(LANGUAGES)[: self.model.num_languages]
         code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
         if code not in known:
-            raise InvalidInput(f"unknown language {language!r}: use a code such as 'en', 'ko' or 'de' "
+            raise InvalidInput(f"unknown language {shown(language)}: use a code such as 'en', 'ko' or 'de' "
                                f"({len(known)} are supported), or none to detect it")
         return code
 

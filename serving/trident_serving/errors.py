@@ -11,3 +11,8 @@ class Unavailable(RuntimeError):
 
 class Cancelled(RuntimeError):
     """The caller gave up (client timeout or cancellation) before the request was answered."""
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """`value` as an error message quotes it: repr, cut to `limit` characters (requests may carry megabytes)."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value)} characters)"

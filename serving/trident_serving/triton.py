@@ -152,19 +152,33 @@ def error_response(exc: BaseException):
     return response
 
 
+# gRPC carries the error message in a header: beyond its 8 KiB metadata limit the client gets "Stream removed"
+# instead of the error (found by `make fuzz`: a 10,000-character LANGUAGE echoed back).
+MAX_MESSAGE = 1000
+
+
+def _short(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[:MAX_MESSAGE]}… ({len(message) - MAX_MESSAGE} more characters)"
+
+
 def _error_response(exc: BaseException):
     """An error response: INVALID_ARG for bad input, INTERNAL (logged with its traceback) for anything else."""
     if isinstance(exc, InvalidInput):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(_short(str(exc)),
+                                                                     pb_utils.TritonError.INVALID_ARG))
     if isinstance(exc, (Unavailable, Cancelled)):
         code = pb_utils.TritonError.CANCELLED if isinstance(exc, Cancelled) else pb_utils.TritonError.UNAVAILABLE
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(_short(str(exc)), code))
     budget = gpu.budget_error(exc, _placement)  # CUDA out of memory: the batch fails, the instance lives on
     if budget is not None:
         log.warning("%s", budget)
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(budget), pb_utils.TritonError.UNAVAILABLE))
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(_short(str(budget)),
+                                                                     pb_utils.TritonError.UNAVAILABLE))
     log.error("unexpected error: %s", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}"))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(_short(f"internal error: {type(exc).__name__}: "
+                                                                        f"{exc}")))
 
 
 def parse_requests(requests: list, parse: Callable[[Any], Any]) -> tuple[list, list]:
