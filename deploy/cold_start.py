@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -23,12 +22,6 @@ from trident_serving import server
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def without_warmup(repository: Path, target: Path) -> Path:
@@ -71,8 +64,7 @@ def main() -> None:
         repository = args.repository.resolve()
         if args.no_warmup:
             repository = without_warmup(repository, Path(scratch) / "repository")
-        options = server.ServerOptions(repository=repository, run_dir=Path(scratch) / "run", http_port=free_port(),
-                                       grpc_port=free_port(), metrics_port=free_port(), ready_timeout=900)
+        options = server.on_free_ports(repository=repository, run_dir=Path(scratch) / "run", ready_timeout=900)
         start = time.perf_counter()
         server.start(options)
         ready = time.perf_counter() - start

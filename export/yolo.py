@@ -9,10 +9,13 @@ from pathlib import Path
 
 from .download import CACHE_DIR, DownloadError, fetch, file_digest
 from .repository import (add_common_arguments, pbtxt_string, resolve_weights, set_instance_count, set_instance_kind,
-                         set_parameter,
-                         stage_model, write_manifest)
+                         set_parameter, stage_model, write_manifest)
 
 SIZES = ("n", "s", "m", "l", "x")
+# Instances of `yolov8` and `detect` when the network runs on a CPU: two of each, so that one batch's onnxruntime
+# run overlaps another's decoding and NMS instead of leaving a core idle (2-core machine, same run: 9.7 -> 13.0
+# images/s at concurrency 4, p50 89 -> 82 ms at concurrency 1; perf/LOG.md).
+CPU_INSTANCES = 2
 # Official checkpoints, as ultralytics' own downloader names them.
 RELEASE_URL = "https://github.com/ultralytics/assets/releases/download/v8.4.0/yolov8{size}.pt"
 IMGSZ = 640
@@ -61,8 +64,8 @@ def run(args: argparse.Namespace) -> None:
     detect = stage_model(args.repo, "detect")
     config = detect / "config.pbtxt"
     set_instance_kind(config, args.kind)
-    if kind == "cpu":  # see cpu_instances()
-        set_instance_count(config, cpu_instances())
+    if kind == "cpu":
+        set_instance_count(config, CPU_INSTANCES)
     set_parameter(config, "metadata", json.dumps(metadata))
     write_manifest(args.repo, "yolov8", {"weights": str(weights), "synthetic": args.weights == "synthetic",
                                          "size": args.size, "flavour": args.flavour})
@@ -212,19 +215,12 @@ max_batch_size: {max_batch_size}
 input [ {{ name: "images" data_type: TYPE_FP32 dims: [ 3, {IMGSZ}, {IMGSZ} ] }} ]
 output [ {{ name: "output0" data_type: TYPE_FP32 dims: [ {4 + len(metadata['names'])}, {ANCHORS} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 0 default_queue_policy {{ max_queue_size: 256 }} }}
-instance_group [ {{ count: {cpu_instances() if kind == "cpu" else 1} kind: KIND_{kind.upper()} }} ]{accelerator}
+instance_group [ {{ count: {CPU_INSTANCES if kind == "cpu" else 1} kind: KIND_{kind.upper()} }} ]{accelerator}
 model_warmup [
 {warmup}
 ]
 parameters {{ key: "metadata" value: {{ string_value: {pbtxt_string(repr(metadata))} }} }}
 """
-
-
-def cpu_instances() -> int:
-    """Instances of `yolov8` and `detect` when the network runs on a CPU: two of each, so that one batch's
-    onnxruntime run overlaps another's decoding and NMS instead of leaving a core idle (2-core machine, same
-    run: 9.7 -> 13.0 images/s at concurrency 4, p50 89 -> 82 ms at concurrency 1; perf/LOG.md)."""
-    return 2
 
 
 def opt_batch_size(max_batch_size: int) -> int:

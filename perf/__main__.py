@@ -5,14 +5,14 @@
     python -m perf --url 127.0.0.1:8001 --no-toggle --repository DIR   # a server already running
 
 Without --url it exports the mode's weights into perf/results/repository-<cpu|gpu> (unless --repository names an
-exported one; see `exports`), starts the local Triton server in explicit model-control mode on free ports, and stops it at the end.
+exported one; see `exports`), starts the local Triton server in explicit model-control mode on free ports, and
+stops it at the end.
 Writes results.csv, results.json, throughput.png, latency.png, server_split.png and report.md into --out.
 A perf_analyzer failure stops the run with perf_analyzer's own message (exit status 1).
 """
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,12 +54,6 @@ def export(repository: Path, mode: str, models: tuple[str, ...]) -> None:
         if wanted[args[0]] & set(models):
             subprocess.run([sys.executable, "-m", "export", *args, "--repo", str(repository)],
                            cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -130,13 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from trident_serving import server
 
-        http, grpc, metrics = free_port(), free_port(), free_port()
-        server_options = server.ServerOptions(repository=repository, run_dir=out / "server", http_port=http,
-                                              grpc_port=grpc, metrics_port=metrics,
+        server_options = server.on_free_ports(repository=repository, run_dir=out / "server",
                                               model_control="explicit" if options.toggle else "none",
                                               # a benchmark measures serving, not stub recovery
                                               supervise=False)
-        options.url, options.metrics_url = f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}/metrics"
+        options.url = f"127.0.0.1:{server_options.grpc_port}"
+        options.metrics_url = f"127.0.0.1:{server_options.metrics_port}/metrics"
     try:
         if server_options is not None:
             print(f"starting tritonserver ({server_options.model_control} model control) ...", flush=True)

@@ -475,7 +475,7 @@ class serving:
     def __enter__(self) -> tuple[str, str, int | None]:
         if self.url:
             return self.url, self.http_url or f"{self.url.rsplit(':', 1)[0]}:8000", None
-        from perf.__main__ import export, free_port
+        from perf.__main__ import export
         from trident_serving import server
 
         repository = self.repository or ROOT / "perf" / "results" / "repository-cpu"
@@ -483,8 +483,7 @@ class serving:
         if not manifest.exists() or not {"yolov8", "whisper", "easyocr"} <= set(json.loads(manifest.read_text())):
             print(f"exporting weights into {repository} ...", flush=True)
             export(repository, "cpu", MODELS)
-        self.options = server.ServerOptions(repository=repository, run_dir=self.run_dir, http_port=free_port(),
-                                            grpc_port=free_port(), metrics_port=free_port(), ready_timeout=1200)
+        self.options = server.on_free_ports(repository=repository, run_dir=self.run_dir, ready_timeout=1200)
         print(f"starting tritonserver on {repository} ...", flush=True)
         pid = server.start(self.options)
         return f"127.0.0.1:{self.options.grpc_port}", f"127.0.0.1:{self.options.http_port}", pid

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -16,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from trident_serving import server
 
 
 class PrometheusError(RuntimeError):
@@ -28,12 +29,6 @@ def binary(tool: str = "prometheus") -> str:
     if path is None:
         raise PrometheusError(f"{tool} not found: install Debian's `prometheus` package (make system-deps)")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalPrometheus:
@@ -49,7 +44,7 @@ class LocalPrometheus:
                 {"targets": [target], "labels": labels} for target, labels in targets.items()]}],
         }
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.port = _free_port()
+        self.port = server.free_port()
         self.log = folder / "prometheus.log"
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(

@@ -178,8 +178,9 @@ def markdown(env: dict, table: list[dict], found: list[Baseline], sets: dict[str
              "* weights: " + "; ".join(f"{k}: {_weights(v)}" for k, v in env["weights"].items()),
              "* perf_analyzer 2.51 over gRPC (`yolov8` with `--shared-memory system`), "
              f"{'count' if SETTINGS[mode][0] == 'count' else 'time'} windows, one "
-             "concurrency level per run, one unmeasured warm-up request per model load; baselines: the reference library in-process, sequential, same inputs "
-             "and weights, measured right before the model's served runs", ""]
+             "concurrency level per run, one unmeasured warm-up request per model load; baselines: the reference "
+             "library in-process, sequential, same inputs and weights, measured right before the model's served "
+             "runs", ""]
     lines += [f"* note: {n}" for n in notes]
     lines += ["", "## Inputs", "", "| set | model | files | note |", "| --- | --- | --- | --- |"]
     used = dict.fromkeys(r["input_set"] for r in table)

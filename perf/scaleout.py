@@ -95,12 +95,6 @@ class Report:
 
 # -- processes ----------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -243,7 +237,7 @@ def start_nginx(replicas: list[Replica], work: Path) -> tuple[Process, int, int]
     """nginx balancing gRPC (per request) and HTTP over the replicas; returns (process, grpc_port, http_port)."""
     directory = work / "nginx"
     (directory / "tmp").mkdir(parents=True, exist_ok=True)
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = server.free_port(), server.free_port()
     # max_fails=1: one refused connection takes a replica out for fail_timeout (a dead pod stays out).
     line = "        server 127.0.0.1:{} max_fails=1 fail_timeout=30s;"
     conf = NGINX_CONF.format(dir=directory, grpc_port=grpc_port, http_port=http_port,
@@ -436,9 +430,8 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         work.mkdir(parents=True, exist_ok=True)
         source = options.repository or export_repository(work / "export")
         repository = only_model(source, work / "repository")
-        replicas = [Replica(f"trident-sim-{i}", server.ServerOptions(
-            repository=repository, run_dir=work / f"replica-{i}", http_port=free_port(), grpc_port=free_port(),
-            metrics_port=free_port(), ready_timeout=180)) for i in range(options.replicas)]
+        replicas = [Replica(f"trident-sim-{i}", server.on_free_ports(
+            repository=repository, run_dir=work / f"replica-{i}", ready_timeout=180)) for i in range(options.replicas)]
         for replica in replicas:
             stack.callback(replica.stop)
         # Start them together: each load is mostly waiting on its stub.

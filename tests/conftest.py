@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -67,12 +66,6 @@ def repository(tmp_path_factory) -> Path:
     return repo
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     options: server.ServerOptions
@@ -105,8 +98,7 @@ class Server:
 @contextlib.contextmanager
 def serve(repository: Path, run_dir: Path) -> Iterator[Server]:
     """The real Triton server (pip-bundled 2.51 binary) serving `repository` on free loopback ports, for a block."""
-    options = server.ServerOptions(repository=repository, run_dir=run_dir,
-                                   http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    options = server.on_free_ports(repository=repository, run_dir=run_dir)
     server.start(options)
     try:
         yield Server(options, repository)

@@ -13,7 +13,6 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from export.plan import write_config
-from conftest import free_port
 from trident_serving import gpu, plan as planner, server
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less behaviour")
@@ -125,8 +124,7 @@ def test_gpu_instance_is_unavailable_and_the_others_serve(tmp_path):
     cost = planner.ModelCost("planned", 10, 20, 5, 8, rate_limited=True)
     plan = planner.make_plan(planner.Costs({"planned": cost}), 4096, ["planned"])
     write_config(planned, plan, "planned")
-    options = server.ServerOptions(repository=repo, run_dir=tmp_path / "run", http_port=free_port(),
-                                   grpc_port=free_port(), metrics_port=free_port(), model_control="explicit",
+    options = server.on_free_ports(repository=repo, run_dir=tmp_path / "run", model_control="explicit",
                                    rate_limit_resources=("gpu_memory_mib:150",))
     server.start(options)
     try:

@@ -23,7 +23,6 @@ import argparse
 import difflib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +40,6 @@ TOLERANCES = {
     "whisper": {"similarity_min": 0.8},
     "easyocr": {"matched_min": 0.9, "corner_px": 2.0, "score_abs": 0.02},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def record_memory(path: Path | None, label: str) -> list[dict]:
@@ -191,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = inputs.Manifest.load(args.data) if (args.data / "manifest.json").exists() else inputs.generate(args.data)
-    options = server.ServerOptions(repository=args.repository, run_dir=args.out / "server", http_port=free_port(),
-                                   grpc_port=free_port(), metrics_port=free_port())
+    options = server.on_free_ports(repository=args.repository, run_dir=args.out / "server")
     server.start(options)
     results: dict = {"tolerances": TOLERANCES, "kind": args.kind}
     try:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -56,6 +57,18 @@ class ServerOptions:
     @property
     def ready_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for servers of tests, benchmarks and simulations)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_free_ports(**options) -> ServerOptions:
+    """ServerOptions whose HTTP, gRPC and metrics ports are free on loopback now."""
+    return ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **options)
 
 
 def bundle() -> Path:

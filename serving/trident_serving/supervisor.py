@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .server import remove_stale_shared_memory
+
 log = logging.getLogger("trident.supervisor")
 
 STUB = "triton_python_backend_stub"
@@ -77,6 +79,11 @@ def parse_stub(pid: int, argv: list[str]) -> Stub | None:
     return Stub(pid, model_file.parent.parent.name, argv[8])
 
 
+def argv_of(entry: Path) -> list[str]:
+    """The command line of the process `entry` (/proc/<pid>); raises OSError once it is gone."""
+    return [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+
+
 def find_stubs(server_pid: int, proc: Path = Path("/proc")) -> dict[int, Stub]:
     """The live (not zombie) stub processes whose parent is `server_pid`, by PID."""
     stubs = {}
@@ -85,14 +92,14 @@ def find_stubs(server_pid: int, proc: Path = Path("/proc")) -> dict[int, Stub]:
             continue
         try:
             stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv = argv_of(entry)
         except OSError:  # exited meanwhile
             continue
         # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
         state, ppid = stat[stat.rfind(")") + 2:].split()[:2]
         if int(ppid) != server_pid or state in ("Z", "X"):
             continue
-        stub = parse_stub(int(entry.name), [a.decode(errors="replace") for a in argv if a])
+        stub = parse_stub(int(entry.name), argv)
         if stub is not None:
             stubs[stub.pid] = stub
     return stubs
@@ -102,8 +109,8 @@ def triton_pid(pid: int, proc: Path = Path("/proc")) -> int:
     """The tritonserver process of `pid`: `pid` itself, or its tritonserver child when `pid` is a supervisor."""
     def name(entry: Path) -> str:
         try:
-            return os.path.basename((entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
-        except OSError:
+            return os.path.basename(argv_of(entry)[0])
+        except (OSError, IndexError):  # gone, or a kernel thread (empty command line)
             return ""
 
     if name(proc / str(pid)) == "tritonserver":
@@ -330,9 +337,7 @@ def run(command: list[str], options: SupervisorOptions) -> int:
                 log.error("tritonserver exited with %d, its %d%s crash within %g s: giving up", code, len(crashes),
                           {1: "st", 2: "nd", 3: "rd"}.get(len(crashes), "th"), options.restart_window)
             return code
-        from .server import remove_stale_shared_memory  # the dead server's regions are RAM until deleted
-
-        removed = remove_stale_shared_memory(since=started)
+        removed = remove_stale_shared_memory(since=started)  # the dead server's regions are RAM until deleted
         log.error("tritonserver exited with %d: starting it again (restart %d of at most %d within %g s; %d "
                   "shared-memory regions it left deleted)", code, len(crashes), options.restarts,
                   options.restart_window, len(removed))
@@ -378,7 +383,7 @@ def end_orphans(stubs: dict[int, Stub], proc: Path = Path("/proc"), timeout: flo
         found = []
         for pid in stubs:
             try:
-                if STUB in (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace"):
+                if parse_stub(pid, argv_of(proc / str(pid))) is not None:
                     found.append(pid)
             except OSError:
                 pass

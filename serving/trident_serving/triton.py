@@ -165,20 +165,23 @@ def _short(message: str) -> str:
 
 def _error_response(exc: BaseException):
     """An error response: INVALID_ARG for bad input, INTERNAL (logged with its traceback) for anything else."""
+    message, code = _error(exc)
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(_short(message), code))
+
+
+def _error(exc: BaseException) -> tuple[str, int]:
+    """The message and Triton error code `exc` is answered with."""
     if isinstance(exc, InvalidInput):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(_short(str(exc)),
-                                                                     pb_utils.TritonError.INVALID_ARG))
+        return str(exc), pb_utils.TritonError.INVALID_ARG
     if isinstance(exc, (Unavailable, Cancelled)):
-        code = pb_utils.TritonError.CANCELLED if isinstance(exc, Cancelled) else pb_utils.TritonError.UNAVAILABLE
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(_short(str(exc)), code))
+        return str(exc), (pb_utils.TritonError.CANCELLED if isinstance(exc, Cancelled)
+                          else pb_utils.TritonError.UNAVAILABLE)
     budget = gpu.budget_error(exc, _placement)  # CUDA out of memory: the batch fails, the instance lives on
     if budget is not None:
         log.warning("%s", budget)
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(_short(str(budget)),
-                                                                     pb_utils.TritonError.UNAVAILABLE))
+        return str(budget), pb_utils.TritonError.UNAVAILABLE
     log.error("unexpected error: %s", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(_short(f"internal error: {type(exc).__name__}: "
-                                                                        f"{exc}")))
+    return f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL
 
 
 def parse_requests(requests: list, parse: Callable[[Any], Any]) -> tuple[list, list]:
