@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from .download import DownloadError
+from .weights import WrongWeights
 
 EXPORTERS = ("yolo", "whisper", "easyocr")
 TOOLS = ("plan",)  # work on an exported repository
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.module.run(args)
-    except DownloadError as exc:
+    except (DownloadError, WrongWeights) as exc:
         print(f"export {args.command}: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .download import fetch, file_digest, verify
 from .repository import add_common_arguments, set_instance_kind, stage_model, write_manifest
+from .weights import WrongWeights, describe, load_tensors, state_dict_mismatch
 
 MODEL_NAME = "easyocr"
 MANIFEST = "manifest.json"
@@ -64,8 +65,10 @@ def weight_files(lang: tuple[str, ...]) -> list[WeightFile]:
 
 def write_weights(dest: Path, lang: tuple[str, ...], weights: str, seed: int = 0) -> Path:
     """Fill `dest` with the weight files for `lang` and a manifest; return `dest`."""
-    dest.mkdir(parents=True, exist_ok=True)
     files = weight_files(lang)
+    if weights not in ("synthetic", "official"):
+        check_directory(Path(weights), lang)
+    dest.mkdir(parents=True, exist_ok=True)
     if weights == "synthetic":
         _write_synthetic(dest, lang, seed)
     elif weights == "official":
@@ -75,14 +78,8 @@ def write_weights(dest: Path, lang: tuple[str, ...], weights: str, seed: int = 0
                 zf.extract(f.filename, dest)
             verify(dest / f.filename, md5=f.md5)
     else:
-        source = Path(weights)
-        if not source.is_dir():
-            raise SystemExit(f"--weights {weights}: not 'official', 'synthetic' or an existing directory")
         for f in files:
-            if not (source / f.filename).is_file():
-                raise SystemExit(f"--weights {weights}: {f.filename} is missing there")
-            verify(source / f.filename, md5=f.md5)
-            shutil.copyfile(source / f.filename, dest / f.filename)
+            shutil.copyfile(Path(weights) / f.filename, dest / f.filename)
     manifest = {
         "lang": list(lang),
         "weights": "synthetic" if weights == "synthetic" else "official",
@@ -94,6 +91,42 @@ def write_weights(dest: Path, lang: tuple[str, ...], weights: str, seed: int = 0
     return dest
 
 
+def check_directory(source: Path, lang: tuple[str, ...]) -> None:
+    """WrongWeights, naming the file and what it holds, unless `source` holds EasyOCR's released detector and
+    recogniser for `lang` (the Reader checks their MD5 sums again when it loads them)."""
+    expected = " and ".join(f.filename for f in weight_files(lang))
+    if not source.is_dir():
+        what = describe(source) if source.exists() else "missing"
+        raise WrongWeights(f"--weights {source} is {what}: expected 'official', 'synthetic' or a directory holding "
+                           f"{expected} (EasyOCR's detector and {RECOGNISERS[lang]} recogniser for --lang "
+                           f"{','.join(lang)})")
+    for f, network in zip(weight_files(lang), (CRAFT, lambda: recogniser(lang))):
+        path = source / f.filename
+        if not path.is_file():
+            raise WrongWeights(f"--weights {source}: no {f.filename} there (it is {describe(source)}); --lang "
+                               f"{','.join(lang)} needs {expected}")
+        if file_digest(path, "md5") == f.md5:
+            continue
+        with torch.device("meta"):  # names and shapes, no memory
+            architecture = network().state_dict()
+        try:
+            found = {k.removeprefix("module."): v for k, v in load_tensors(path).items()}
+        except Exception:  # noqa: BLE001 - not a state dict at all
+            raise WrongWeights(f"{path} is {describe(path)}, not EasyOCR's {f.filename}") from None
+        mismatch = state_dict_mismatch(found, architecture)
+        if mismatch:
+            raise WrongWeights(f"{path} is not EasyOCR's {f.filename}: {mismatch}")
+        raise WrongWeights(f"{path} has the layers of {f.filename} but not EasyOCR's released values (md5 "
+                           f"{file_digest(path, 'md5')}, expected {f.md5}): the Reader loads only the released "
+                           "files; use --weights official or synthetic")
+
+
+def recogniser(lang: tuple[str, ...]) -> RecogniserModel:
+    """The generation-2 recogniser network the Reader builds for `lang` (randomly initialised)."""
+    character = recognition_models["gen2"][RECOGNISERS[lang]]["characters"]
+    return RecogniserModel(num_class=len(CTCLabelConverter(character).character), **GEN2_PARAMS)
+
+
 def _write_synthetic(dest: Path, lang: tuple[str, ...], seed: int) -> None:
     detector_file, recogniser_file = weight_files(lang)
     torch.manual_seed(seed)
@@ -102,11 +135,9 @@ def _write_synthetic(dest: Path, lang: tuple[str, ...], seed: int) -> None:
     # "module." prefix: the layout of the official files, which get_detector/get_recognizer strip or expect
     _save(craft, dest / detector_file.filename)
 
-    character = recognition_models["gen2"][RECOGNISERS[lang]]["characters"]
-    num_class = len(CTCLabelConverter(character).character)
-    recogniser = RecogniserModel(num_class=num_class, **GEN2_PARAMS).eval()
-    _calibrate_recogniser(recogniser)
-    _save(recogniser, dest / recogniser_file.filename)
+    network = recogniser(lang).eval()
+    _calibrate_recogniser(network)
+    _save(network, dest / recogniser_file.filename)
 
 
 def _save(model: torch.nn.Module, path: Path) -> None:

@@ -1,8 +1,9 @@
 """plan: fit the exported models on the GPUs (instances, batches, memory budgets, rate-limiter resources).
 
 Prints the plan as a table and writes it into the repository's configs: `instance_group` (count, KIND_GPU,
-gpus, rate_limiter resources), `max_batch_size` (whisper: `max_windows_per_step`), the `gpu_memory_mib`
-budget, and `gpu_plan.json` with the server's `--rate-limit*` flags. Refuses when the models cannot fit.
+gpus, rate_limiter resources), `max_batch_size` (whisper: `max_windows_per_step`; yolov8's also into detect's
+`yolov8_max_batch_size`), the `gpu_memory_mib` budget, and `gpu_plan.json` with the server's `--rate-limit*`
+flags. Refuses when the models cannot fit.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from trident_serving import plan as planner
 
 from .repository import DEFAULT_REPO, set_parameter
+from .yolo import DETECT_BLS_BATCH
 
 PLAN_FILE = "gpu_plan.json"
 
@@ -61,6 +63,9 @@ def run(args: argparse.Namespace) -> None:
         return
     for name in models:
         write_config(repo / name / "config.pbtxt", plan, name)
+    detect = repo / "detect" / "config.pbtxt"
+    if "yolov8" in models and detect.is_file():  # detect splits its BLS calls by yolov8's (new) largest batch
+        set_parameter(detect, DETECT_BLS_BATCH, str(plan.batches["yolov8"]))
     (repo / PLAN_FILE).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     print(f"written: {', '.join(f'{m}/config.pbtxt' for m in models)} and {PLAN_FILE} in {repo.resolve()}")
 

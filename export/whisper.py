@@ -19,6 +19,7 @@ from .ctranslate2 import ConversionError, convert
 from .download import CACHE_DIR, DownloadError, fetch, file_digest
 from .repository import (add_common_arguments, resolve_weights, set_instance_kind, set_parameter, stage_model,
                          write_manifest)
+from .weights import WrongWeights, describe, load_tensors, state_dict_mismatch
 
 # ModelDimensions of the official checkpoints (whisper.load_model(name).dims), for the synthetic weights: kept
 # with the memory planner, which needs them without importing torch (trident_serving.plan.WHISPER_DIMS).
@@ -39,7 +40,8 @@ CHECKPOINT = "model.pt"  # the `checkpoint` parameter of the committed whisper c
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=tuple(DIMS), default=None,
-                        help="Whisper size (default small; a converted CTranslate2 model has its own)")
+                        help="Whisper size (default small; a local or converted checkpoint has its own, which must "
+                             "match)")
     add_common_arguments(parser, "'official' (download openai-whisper's checkpoint), 'synthetic' (random weights "
                                  "of the same dimensions), a local .pt checkpoint, 'ctranslate2:DIR' (convert a "
                                  "CTranslate2 Whisper model) or 'base-offline' (real Whisper base from the pinned "
@@ -50,14 +52,14 @@ def run(args: argparse.Namespace) -> None:
     info = {}
     if args.weights == "base-offline" or args.weights.startswith(CT2_PREFIX):
         ct2_dir = offline_base_dir() if args.weights == "base-offline" else Path(args.weights[len(CT2_PREFIX):])
-        source, size = converted_checkpoint(ct2_dir)
-        if args.size not in (None, size):
-            raise SystemExit(f"--size {args.size} contradicts --weights {args.weights}, which holds a Whisper {size}")
+        source = converted_checkpoint(ct2_dir)
         info["converted_from"] = str(ct2_dir)
     else:
-        size = args.size or "small"
-        source = resolve_weights(args.weights, official=lambda: official_checkpoint(size),
-                                 synthetic=lambda: synthetic_checkpoint(size, args.seed))
+        source = resolve_weights(args.weights, official=lambda: official_checkpoint(args.size or "small"),
+                                 synthetic=lambda: synthetic_checkpoint(args.size or "small", args.seed))
+    size = size_name(check_checkpoint(source))
+    if args.size not in (None, size):
+        raise WrongWeights(f"--size {args.size} contradicts --weights {args.weights}, which holds a Whisper {size}")
     model_dir = stage_model(args.repo, "whisper")
     # One file name for every size and source, so that re-exporting (e.g. the offline demo's base model)
     # replaces the previous checkpoint and leaves the committed config unchanged; export.json records the size.
@@ -69,6 +71,48 @@ def run(args: argparse.Namespace) -> None:
     write_manifest(args.repo, "whisper", {"weights": str(source), "synthetic": args.weights == "synthetic",
                                           "size": size, "kind": args.kind, **info})
     print(f"whisper-{size} ({args.kind}) written to {target} from {source}")
+
+
+def check_checkpoint(path: Path) -> dict[str, int]:
+    """The dimensions of the openai-whisper checkpoint at `path`; WrongWeights, naming what the file holds, unless
+    it is one: a dict of `dims` (ModelDimensions) and a `model_state_dict` with the tensors those dims make."""
+    expected_format = "an openai-whisper checkpoint (a dict of 'dims' and 'model_state_dict')"
+    try:
+        checkpoint = load_tensors(path)
+    except Exception:  # noqa: BLE001 - anything torch cannot read this way is something else
+        checkpoint = None
+    if not isinstance(checkpoint, dict) or not {"dims", "model_state_dict"} <= checkpoint.keys():
+        raise WrongWeights(f"{path} is {describe(path)}, not {expected_format}")
+    dims = checkpoint["dims"]
+    missing = [name for name in DIM_NAMES if not isinstance(dims, dict) or not isinstance(dims.get(name), int)]
+    if missing:
+        raise WrongWeights(f"{path}: its 'dims' lack {', '.join(missing)}: not {expected_format}")
+    mismatch = state_dict_mismatch(checkpoint["model_state_dict"], architecture(dims))
+    if mismatch:
+        raise WrongWeights(f"{path}: its model_state_dict is not the Whisper its dims describe: {mismatch}")
+    return {name: dims[name] for name in DIM_NAMES}
+
+
+def architecture(dims: dict[str, int]) -> dict:
+    """The state dict (names and shapes, no data) of the Whisper model of `dims`."""
+    import torch
+    from whisper.model import AudioEncoder, TextDecoder
+
+    # encoder and decoder on the meta device: shapes without memory (Whisper() itself builds a sparse
+    # alignment-heads buffer, which the meta device cannot)
+    with torch.device("meta"):
+        encoder = AudioEncoder(*(dims[k] for k in ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head",
+                                                   "n_audio_layer")))
+        decoder = TextDecoder(*(dims[k] for k in ("n_vocab", "n_text_ctx", "n_text_state", "n_text_head",
+                                                  "n_text_layer")))
+    return {f"{part}.{k}": v for part, module in (("encoder", encoder), ("decoder", decoder))
+            for k, v in module.state_dict().items()}
+
+
+def size_name(dims: dict[str, int]) -> str:
+    """The official size with these dimensions ("base", ...), or "custom"."""
+    sizes = [name for name, values in DIMS.items() if tuple(dims[k] for k in DIM_NAMES) == values]
+    return sizes[0] if sizes else "custom"
 
 
 def offline_base_dir() -> Path:
@@ -101,9 +145,9 @@ def offline_base_dir() -> Path:
     return target
 
 
-def converted_checkpoint(ct2_dir: Path) -> tuple[Path, str]:
+def converted_checkpoint(ct2_dir: Path) -> Path:
     """The openai-whisper checkpoint converted from the CTranslate2 model in `ct2_dir` (cached by the SHA-256 of
-    its model.bin) and its size name ("base", ... or "ct2" for dimensions of no official size)."""
+    its model.bin)."""
     model = ct2_dir / "model.bin"
     if not model.is_file():
         raise SystemExit(f"--weights {CT2_PREFIX}{ct2_dir}: no model.bin there (a CTranslate2 model directory)")
@@ -111,15 +155,10 @@ def converted_checkpoint(ct2_dir: Path) -> tuple[Path, str]:
     if not path.exists():
         print(f"converting {model} (CTranslate2) to an openai-whisper checkpoint")
         try:
-            dims = convert(ct2_dir, path)
+            convert(ct2_dir, path)
         except ConversionError as exc:
             raise SystemExit(f"--weights {CT2_PREFIX}{ct2_dir}: {exc}") from None
-    else:
-        import torch
-
-        dims = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["dims"]
-    sizes = [name for name, values in DIMS.items() if tuple(dims[k] for k in DIM_NAMES) == values]
-    return path, (sizes[0] if sizes else "ct2")
+    return path
 
 
 def official_checkpoint(size: str) -> Path:

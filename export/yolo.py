@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from .download import CACHE_DIR, DownloadError, fetch, file_digest
 from .repository import (add_common_arguments, pbtxt_string, resolve_weights, set_instance_count, set_instance_kind,
                          set_parameter, stage_model, write_manifest)
+from .weights import WrongWeights, describe, pickled_classes
 
 SIZES = ("n", "s", "m", "l", "x")
 # Instances of `yolov8` and `detect` when the network runs on a CPU: two of each, so that one batch's onnxruntime
@@ -27,10 +29,13 @@ CONTAINER_REPO = "/models"
 # Written by deploy/build_engine.sh next to the engine: what it was built from and for.
 ENGINE_INFO = "engine.json"
 ANCHORS = sum((IMGSZ // stride) ** 2 for stride in (8, 16, 32))  # 8400 predictions per image at 640
+# detect's parameter holding yolov8's max_batch_size: it splits its BLS calls to yolov8 by this many images.
+DETECT_BLS_BATCH = "yolov8_max_batch_size"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=SIZES, default="n", help="YOLOv8 size (default n)")
+    parser.add_argument("--size", choices=SIZES, default=None,
+                        help="YOLOv8 size (default n; a local .pt is checked to be of this size, default its own)")
     add_common_arguments(parser, "'official' (download yolov8<size>.pt), 'synthetic' (random weights), or a .pt path",
                          "instance kind (auto: GPU for onnxruntime/tensorrt, CPU for the local python flavour)")
     parser.add_argument("--flavour", choices=FLAVOURS, default="onnxruntime",
@@ -45,10 +50,19 @@ def run(args: argparse.Namespace) -> None:
     kind = args.kind if args.kind != "auto" else ("cpu" if args.flavour == "python" else "gpu")
     if args.flavour == "tensorrt" and kind != "gpu":
         raise SystemExit("--flavour tensorrt serves on a GPU only: drop --kind cpu or pick another flavour")
-    # ultralytics publishes no checksums for these assets: check that the file is the checkpoint we asked for.
-    weights = resolve_weights(args.weights,
-                              official=lambda: check_checkpoint(fetch(RELEASE_URL.format(size=args.size)), args.size),
-                              synthetic=lambda: synthetic_checkpoint(args.size, args.seed))
+    if args.max_batch_size < 1:
+        raise SystemExit(f"--max-batch-size {args.max_batch_size}: must be at least 1")
+    weights = resolve_weights(args.weights, official=lambda: fetch(RELEASE_URL.format(size=args.size or "n")),
+                              synthetic=lambda: synthetic_checkpoint(args.size or "n", args.seed))
+    # ultralytics publishes no checksums for its assets, and a local path may name anything: check every file
+    # (a local one against --size only when given).
+    local = args.weights not in ("official", "synthetic")
+    try:
+        size = check_checkpoint(weights, args.size or (None if local else "n"))
+    except WrongWeights as exc:
+        if args.weights == "official":
+            raise DownloadError(f"{exc}: the download is damaged; delete it and retry") from None
+        raise
     if args.flavour == "tensorrt":
         # The engine was built (by `make engines`) from the model.onnx already in the repository: keep both,
         # and copy nothing over them.
@@ -67,8 +81,9 @@ def run(args: argparse.Namespace) -> None:
     if kind == "cpu":
         set_instance_count(config, CPU_INSTANCES)
     set_parameter(config, "metadata", json.dumps(metadata))
+    set_parameter(config, DETECT_BLS_BATCH, str(args.max_batch_size))
     write_manifest(args.repo, "yolov8", {"weights": str(weights), "synthetic": args.weights == "synthetic",
-                                         "size": args.size, "flavour": args.flavour})
+                                         "size": size, "flavour": args.flavour})
     print(f"yolov8 ({args.flavour}, {kind}) and detect written to {Path(args.repo).resolve()} from {weights}")
 
 
@@ -98,19 +113,29 @@ def check_engine(repo: Path, weights: Path, max_batch_size: int) -> None:
                          f"--max-batch-size {max_batch_size}: rebuild with MAX_BATCH={max_batch_size}; {how}")
 
 
-def check_checkpoint(path: Path, size: str) -> Path:
-    """Raise DownloadError unless `path` loads as a yolov8<size> detection checkpoint; print its SHA-256."""
+def check_checkpoint(path: Path, size: str | None = None) -> str:
+    """The size (n, s, m, l or x) of the YOLOv8 detection checkpoint at `path`; WrongWeights, naming what the file
+    holds, unless it is one (of `size`, when given)."""
+    if not any(c.startswith("ultralytics.nn.tasks.") for c in pickled_classes(path)):
+        # checked before ultralytics unpickles it: its loader would try to pip-install modules a pickle names
+        raise WrongWeights(f"{path} is {describe(path)}, not an ultralytics YOLOv8 detection checkpoint")
     from ultralytics.nn.tasks import load_checkpoint
 
     try:
         model, _ = load_checkpoint(str(path))
-        name = Path(model.yaml.get("yaml_file", "")).stem
-    except Exception as exc:  # noqa: BLE001 - any load failure means a corrupt download
-        raise DownloadError(f"{path} is not a loadable YOLOv8 checkpoint ({exc}); delete it and retry") from exc
-    if name.replace("yolov8", "") not in ("", size) or not name.startswith("yolov8"):
-        raise DownloadError(f"{path} holds {name or 'an unknown model'}, expected yolov8{size}")
-    print(f"{path.name}: sha256 {file_digest(path, 'sha256')}")
-    return path
+    except Exception as exc:  # noqa: BLE001 - any load failure means a damaged or foreign file
+        raise WrongWeights(f"{path} is an ultralytics checkpoint that does not load ({exc})") from None
+    name = Path(model.yaml.get("yaml_file", "")).stem
+    # yolov8<scale>.yaml, or yolov8.yaml with the scale inside; any other name is another architecture
+    # (yolov8n-p2 has other anchors, yolo11n other layers)
+    scale = model.yaml.get("scale") or name[len("yolov8"):]
+    if model.task != "detect" or re.fullmatch(r"yolov8[nslmx]?", name) is None or scale not in SIZES:
+        raise WrongWeights(f"{path} holds an ultralytics {name or type(model).__name__} model for task "
+                           f"'{model.task}', expected a YOLOv8 detection model (yolov8n/s/m/l/x)")
+    if size not in (None, scale):
+        raise WrongWeights(f"{path} holds yolov8{scale}, but --size {size} asks for yolov8{size}")
+    print(f"{path.name}: yolov8{scale} detection checkpoint, sha256 {file_digest(path, 'sha256')}")
+    return scale
 
 
 def synthetic_checkpoint(size: str, seed: int) -> Path:
@@ -148,7 +173,9 @@ def synthetic_checkpoint(size: str, seed: int) -> Path:
     network.eval()
     network.names = yaml.safe_load((ROOT / "cfg" / "datasets" / "coco8.yaml").read_text())["names"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
+    partial = path.with_suffix(".part.pt")  # renamed when complete: concurrent exports never read half a file
+    model.save(partial)
+    partial.rename(path)
     return path
 
 

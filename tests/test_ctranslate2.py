@@ -44,7 +44,7 @@ def ct2_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint_path(ct2_dir) -> Path:
-    return converted_checkpoint(ct2_dir)[0]
+    return converted_checkpoint(ct2_dir)
 
 
 @pytest.fixture(scope="module")

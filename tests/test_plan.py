@@ -94,8 +94,13 @@ def test_multiple_gpus_spread_what_one_cannot_hold(costs):
     plan = planner.make_plan(costs, card, MODELS, 0.10, gpus=2)
     check_within(plan)
     assert {g.gpu for g in plan.groups} == {0, 1}
-    flags = plan.rate_limit_flags()
-    assert {f.rsplit(":", 1)[1] for f in flags[1:]} <= {"0", "1"}
+    # Both rate-limited models (yolov8 at batch 64, easyocr shrunk to 2) landed on GPU 0: its pool holds their
+    # activations, (64 + 26 x 64) + (256 + 720 x 2) MiB; GPU 1 (detect, whisper: no resource) gets no flag.
+    assert {(g.model, g.gpu) for g in plan.groups if plan.costs[g.model].rate_limited} == {("yolov8", 0),
+                                                                                         ("easyocr", 0)}
+    assert plan.batches["easyocr"] == 2
+    assert plan.rate_limit_flags() == ["--rate-limit=execution_count",
+                                       f"--rate-limit-resource=gpu_memory_mib:{1728 + 1696}:0"]
 
 
 def test_sizes_parse():
@@ -137,6 +142,10 @@ def parse(config: Path) -> model_config_pb2.ModelConfig:
 def test_written_configs_parse_with_tritons_protobuf(tmp_path):
     repo = plan_repository(tmp_path, "--gpu-memory", "16GB", "--gpus", "2")
     written = json.loads((repo / "gpu_plan.json").read_text())
+    # the planner's own figures for the same inputs (the repository has no export.json: default costs)
+    plan = planner.make_plan(planner.default_costs(), planner.parse_size("16GB"), MODELS, 0.10, gpus=2)
+    assert plan.to_json() == written
+    pools = {gpu: 0 for gpu in range(2)}  # the rate limiter's resources the configs ask for, per GPU
     for name in MODELS:
         config = parse(repo / name / "config.pbtxt")
         groups = [g for g in written["groups"] if g["model"] == name]
@@ -146,7 +155,8 @@ def test_written_configs_parse_with_tritons_protobuf(tmp_path):
         limited = name in ("yolov8", "easyocr")
         for group in config.instance_group:
             assert [(r.name, r.count) for r in group.rate_limiter.resources] == (
-                [("gpu_memory_mib", group.rate_limiter.resources[0].count)] if limited else [])
+                [("gpu_memory_mib", plan.resource_count(name))] if limited else [])
+            pools[group.gpus[0]] += group.count * sum(r.count for r in group.rate_limiter.resources)
         budget = int(config.parameters["gpu_memory_mib"].string_value)
         assert budget == written["budgets_mib"][name]
         batch = written["batches"][name]
@@ -155,7 +165,23 @@ def test_written_configs_parse_with_tritons_protobuf(tmp_path):
         else:
             assert config.max_batch_size == batch
             assert all(w.batch_size <= batch for w in config.model_warmup)
-    assert written["rate_limit_flags"][0] == "--rate-limit=execution_count"
+    # each GPU's pool is exactly what its instances ask for together, so all of them can run at once
+    assert written["rate_limit_flags"] == ["--rate-limit=execution_count"] + [
+        f"--rate-limit-resource=gpu_memory_mib:{pool}:{gpu}" for gpu, pool in pools.items() if pool]
+
+
+@pytest.mark.parametrize("args, batch", [(("--gpu-memory", "8GB"), 16),  # shrunk to fit: yolov8 at 16
+                                         (("--gpu-memory", "80GiB", "--models", "yolov8", "--max-batch", "yolov8=8"), 8)])
+def test_detect_splits_by_the_planned_yolov8_batch(tmp_path, args, batch):
+    """detect sends yolov8 BLS calls of at most its `yolov8_max_batch_size`: the plan keeps it at yolov8's batch,
+    also when only yolov8 is planned."""
+    repo = plan_repository(tmp_path, *args)
+    planned = json.loads((repo / "gpu_plan.json").read_text())["batches"]
+    assert planned["yolov8"] == batch
+    assert parse(repo / "yolov8" / "config.pbtxt").max_batch_size == batch
+    detect = parse(repo / "detect" / "config.pbtxt")
+    assert detect.parameters["yolov8_max_batch_size"].string_value == str(batch)
+    assert detect.max_batch_size == planned.get("detect", 64)  # its own batch: the committed one unless planned
 
 
 def test_refusal_writes_nothing(tmp_path, capsys):

@@ -1,8 +1,9 @@
 """Where a model instance runs and how much GPU memory it may take (Triton-free, importable anywhere).
 
 * Placement: a `KIND_GPU` instance runs on `model_instance_device_id` and nowhere else; the current CUDA device
-  is set to it so that no stray context lands on GPU 0. A GPU instance that finds no usable CUDA fails to
-  load with a clear message instead of silently running on the CPU.
+  is set to it so that no stray context lands on GPU 0. A GPU instance that finds no usable CUDA, or a GPU
+  this PyTorch build has no kernels for (`unsupported_gpu`), fails to load with a clear message instead of
+  silently running on the CPU or failing at its first kernel.
 * Budgets: the config parameter `gpu_memory_mib` (absent: unlimited) caps the instance's PyTorch allocator
   (`torch.cuda.set_per_process_memory_fraction`) and, for onnxruntime, its CUDA arena (`gpu_mem_limit`).
   A batch that needs more fails with `BudgetExceeded` (an UNAVAILABLE error response), not the stub.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -72,7 +74,8 @@ def memory_fraction(budget_mib: int, total_bytes: int) -> float:
 def place(kind: str, device_id: int | str, budget_mib: Optional[int] = None, model: str = "model") -> Placement:
     """Place an instance of `kind` ('GPU', 'CPU', ...) on its device, applying the budget on a GPU.
 
-    Raises NoGPU for a GPU instance without usable CUDA (clear message, instead of a silent CPU fallback).
+    Raises NoGPU for a GPU instance without usable CUDA or on a GPU its PyTorch has no kernels for (clear
+    message, instead of a silent CPU fallback or a failing first kernel).
     """
     if kind != "GPU":
         return Placement("cpu", None)
@@ -87,11 +90,45 @@ def place(kind: str, device_id: int | str, budget_mib: Optional[int] = None, mod
                     "or export with --kind cpu / KIND_AUTO to run on the CPU")
     if index >= torch.cuda.device_count():
         raise NoGPU(f"{model}: instance placed on GPU {index} but only {torch.cuda.device_count()} are visible")
+    # is_available() is true on a GPU older than every kernel in the build; reading the capability runs none
+    refusal = unsupported_gpu(torch.cuda.get_device_capability(index), torch.cuda.get_arch_list())
+    if refusal:
+        raise NoGPU(f"{model}: GPU {index} ({torch.cuda.get_device_name(index)}) {refusal} (torch "
+                    f"{torch.__version__}): use a GPU of a listed architecture or a PyTorch build for this one")
     torch.cuda.set_device(index)  # every later allocation and context of this process goes to this device
     if budget_mib is not None:
         total = torch.cuda.get_device_properties(index).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_fraction(budget_mib, total), index)
     return Placement(f"cuda:{index}", budget_mib)
+
+
+def unsupported_gpu(capability: tuple[int, int], arch_list: list[str]) -> Optional[str]:
+    """Why a build compiled for `arch_list` (torch.cuda.get_arch_list()) has no kernel a GPU of compute
+    `capability` can run, or None when it has one (or the list says nothing: a ROCm or unknown build).
+
+    CUDA's compatibility rules: machine code for sm_XY runs on compute capability X.Z with Z >= Y (same major;
+    a family target sm_100f likewise); code for an architecture-specific target (sm_90a) only on exactly 9.0;
+    PTX (compute_XY) is compiled by the driver for any capability >= X.Y.
+    """
+    device = capability[0] * 10 + capability[1]
+    targets = [m.groups() for m in map(re.compile(r"(sm|compute)_(\d+)([af]?)$").match, arch_list) if m]
+    if not targets:
+        return None
+    for kind, number, suffix in targets:
+        code = int(number)
+        if suffix == "a":
+            runs = device == code
+        elif kind == "sm" or suffix == "f":  # machine code, or a family's PTX: same major, same or newer minor
+            runs = device // 10 == code // 10 and device >= code
+        else:
+            runs = device >= code
+        if runs:
+            return None
+    machine = sorted({int(n) for kind, n, _ in targets if kind == "sm"})
+    ptx = sorted({int(n) for kind, n, _ in targets if kind == "compute"})
+    has = f"sm_{machine[0]}..sm_{machine[-1]}" if machine else "no machine code"
+    has += f" (and PTX for compute_{ptx[0]}+)" if ptx else ""
+    return f"is sm_{device} (compute capability {capability[0]}.{capability[1]}); this PyTorch has kernels for {has}"
 
 
 def onnx_providers(placement: Placement, available: list[str]) -> list:

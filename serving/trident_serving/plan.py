@@ -300,7 +300,8 @@ def shrink(plan: Plan, name: str) -> bool:
 
 
 def tie_detect_batch(plan: Plan) -> None:
-    """`detect` sends its whole batch to `yolov8` in one call: its batch must not exceed yolov8's."""
+    """`detect` splits its batch into BLS calls of at most yolov8's batch: no larger, each execution makes one
+    call (a larger batch would only hold more activations while waiting for several)."""
     if "detect" in plan.batches and "yolov8" in plan.batches:
         plan.batches["detect"] = min(plan.batches["detect"], plan.batches["yolov8"])
 

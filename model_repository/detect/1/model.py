@@ -13,12 +13,15 @@ class TritonPythonModel:
     def initialize(self, args):
         triton.init_instance(args)
         triton.quiet_ultralytics()
-        config = json.loads(args["model_config"])
         metadata = json.loads(triton.parameters(args)["metadata"])
         self.names = {int(k): v for k, v in metadata["names"].items()}
         self.imgsz = metadata["imgsz"][0]
         self.stride = metadata["stride"]
-        self.max_batch = config["max_batch_size"]
+        try:  # yolov8's max_batch_size, written by `export yolo` and `export plan`: a larger call would fail
+            self.bls_batch = int(triton.parameters(args)["yolov8_max_batch_size"])
+        except (KeyError, ValueError):
+            raise ValueError("detect: parameter yolov8_max_batch_size (yolov8's max_batch_size) is missing or not "
+                             "a whole number: export again with `python -m export yolo`") from None
         self.device = torch.device(triton.device(args))
         cpu.light_torch(self.device.type)  # one torch thread on a CPU instance (trident_serving.cpu)
         self.metrics = metrics.ModelMetrics(args, [metrics.DETECT_BLS_IMAGES])
@@ -39,12 +42,12 @@ class TritonPythonModel:
         return [self.response(found) for found in detections]
 
     def infer(self, images: torch.Tensor) -> torch.Tensor:
-        """Run `yolov8` on the letterboxed batch through BLS, zero-copy via DLPack."""
+        """Run `yolov8` on the letterboxed batch through BLS, zero-copy via DLPack, in calls yolov8 accepts."""
         memory = {}
         if self.device.type == "cuda":
             memory["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index)
         outputs = []
-        for chunk in images.split(self.max_batch):
+        for chunk in images.split(self.bls_batch):
             self.metrics.observe(metrics.DETECT_BLS_IMAGES, len(chunk))
             request = pb_utils.InferenceRequest(
                 model_name="yolov8", inputs=[pb_utils.Tensor.from_dlpack("images", chunk.contiguous())],
