@@ -96,8 +96,8 @@ def check_directory(source: Path, lang: tuple[str, ...]) -> None:
     recogniser for `lang` (the Reader checks their MD5 sums again when it loads them)."""
     expected = " and ".join(f.filename for f in weight_files(lang))
     if not source.is_dir():
-        what = describe(source) if source.exists() else "missing"
-        raise WrongWeights(f"--weights {source} is {what}: expected 'official', 'synthetic' or a directory holding "
+        what = f"it is {describe(source)}" if source.exists() else "no such file or directory"
+        raise WrongWeights(f"--weights {source}: {what}; expected 'official', 'synthetic' or a directory holding "
                            f"{expected} (EasyOCR's detector and {RECOGNISERS[lang]} recogniser for --lang "
                            f"{','.join(lang)})")
     for f, network in zip(weight_files(lang), (CRAFT, lambda: recogniser(lang))):

@@ -158,7 +158,7 @@ def easyocr_folder(folder: Path, files: dict[str, Path]) -> Path:
 
 def test_easyocr_refuses_a_file_and_a_folder_for_other_languages(tmp_path, capsys, yolo_pt):
     code, message = export(capsys, "easyocr", "--weights", str(yolo_pt), "--repo", str(tmp_path / "repo"))
-    assert code == 2 and (f"--weights {yolo_pt} is an ultralytics DetectionModel checkpoint: expected 'official', "
+    assert code == 2 and (f"--weights {yolo_pt}: it is an ultralytics DetectionModel checkpoint; expected 'official', "
                           "'synthetic' or a directory holding craft_mlt_25k.pth and korean_g2.pth") in message
     code, message = export(capsys, "easyocr", "--weights", str(ENGLISH), "--repo", str(tmp_path / "repo"))
     assert code == 2 and (f"--weights {ENGLISH}: no korean_g2.pth there (it is a directory holding "

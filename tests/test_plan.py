@@ -170,8 +170,10 @@ def test_written_configs_parse_with_tritons_protobuf(tmp_path):
         f"--rate-limit-resource=gpu_memory_mib:{pool}:{gpu}" for gpu, pool in pools.items() if pool]
 
 
-@pytest.mark.parametrize("args, batch", [(("--gpu-memory", "8GB"), 16),  # shrunk to fit: yolov8 at 16
-                                         (("--gpu-memory", "80GiB", "--models", "yolov8", "--max-batch", "yolov8=8"), 8)])
+@pytest.mark.parametrize("args, batch", [
+    (("--gpu-memory", "8GB"), 16),  # shrunk to fit: yolov8 (and detect) at 16
+    (("--gpu-memory", "80GiB", "--models", "yolov8", "--max-batch", "yolov8=8"), 8),  # yolov8 alone
+])
 def test_detect_splits_by_the_planned_yolov8_batch(tmp_path, args, batch):
     """detect sends yolov8 BLS calls of at most its `yolov8_max_batch_size`: the plan keeps it at yolov8's batch,
     also when only yolov8 is planned."""
