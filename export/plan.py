@@ -81,6 +81,10 @@ def repository_costs(repo: Path) -> planner.Costs:
     manifest_path = repo / "export.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     whisper_size = manifest.get("whisper", {}).get("size", "small")
+    if whisper_size not in planner.WHISPER_DIMS:  # "custom": a checkpoint of no official size
+        print("whisper was exported with dimensions of no official size: small's estimates stand in for it "
+              "(measure it with `python -m perf.memory` and pass --measured)")
+        whisper_size = "small"
     yolo_size = manifest.get("yolov8", {}).get("size", "n")
     lang = manifest.get("easyocr", {}).get("lang", "ko,en")
     lang = ",".join(lang) if isinstance(lang, list) else lang

@@ -186,6 +186,17 @@ def test_detect_splits_by_the_planned_yolov8_batch(tmp_path, args, batch):
     assert detect.max_batch_size == planned.get("detect", 64)  # its own batch: the committed one unless planned
 
 
+def test_whisper_of_no_official_size_is_planned_with_small_estimates(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_REPO / "whisper", repo / "whisper", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "export.json").write_text(json.dumps({"whisper": {"size": "custom"}}))  # as `export whisper` records it
+    assert export_main.main(["plan", "--repo", str(repo), "--gpu-memory", "16GB", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dimensions of no official size: small's estimates stand in for it" in out
+    small = planner.default_costs("small").models["whisper"].instance_mib(16)
+    assert f"{small:,.0f}" in out
+
+
 def test_refusal_writes_nothing(tmp_path, capsys):
     repo = tmp_path / "repo"
     shutil.copytree(DEFAULT_REPO / "whisper", repo / "whisper", ignore=shutil.ignore_patterns("__pycache__"))
