@@ -91,10 +91,11 @@ DRY_RUN ?=
 DEPLOY_VENV ?= .venv-deploy
 DEPLOY_PY := $(DEPLOY_VENV)/bin/python
 deploy-venv: $(DEPLOY_VENV)/.installed
-$(DEPLOY_VENV)/.installed: deploy/requirements-host.txt deploy/requirements-image.txt deploy/requirements-image-nodeps.txt \
-    serving/pyproject.toml client/pyproject.toml
+$(DEPLOY_VENV)/.installed: deploy/requirements-host.txt deploy/requirements-image.txt \
+    deploy/requirements-image-nodeps.txt serving/pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' || { \
-	  echo "$(DEPLOY_VENV) needs CPython 3.10, 3.11 or 3.12; $(PYTHON) is $$($(PYTHON) -V 2>&1): make deploy PYTHON=python3.X"; \
+	  echo "$(DEPLOY_VENV) needs CPython 3.10, 3.11 or 3.12, $(PYTHON) is $$($(PYTHON) -V 2>&1):" \
+	    "make deploy PYTHON=python3.X"; \
 	  exit 1; }
 	test -x $(DEPLOY_PY) || $(PYTHON) -m venv $(DEPLOY_VENV)
 	$(DEPLOY_PY) -m pip install --quiet --upgrade pip

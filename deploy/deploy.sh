@@ -102,7 +102,8 @@ print(",".join(i for d in devices for i in d.get("device_ids") or []))') || fail
 fi
 
 step "2/6 export Whisper ($WHISPER_WEIGHTS) and EasyOCR ($EASYOCR_WEIGHTS) into $REPO"
-export_hint="download failed? Pass local weights per model (YOLO_WEIGHTS=, WHISPER_WEIGHTS=, EASYOCR_WEIGHTS=), or export each model by hand (README, Export)"
+export_hint="download failed? Pass local weights per model (YOLO_WEIGHTS=, WHISPER_WEIGHTS=, EASYOCR_WEIGHTS=),
+or export each model by hand (README, Export)"
 run "$PYTHON" -m export whisper --size "$WHISPER_SIZE" --weights "$WHISPER_WEIGHTS" --repo "$REPO" ||
   fail "$export_hint"
 run "$PYTHON" -m export easyocr --weights "$EASYOCR_WEIGHTS" --repo "$REPO" || fail "$export_hint"

@@ -1,7 +1,7 @@
 """What pip installs from the image's and the deploy host's requirements, resolved for a target Python without
 installing anything (`pip install --dry-run --report`), and the image's lock file made from it.
 
-    python deploy/pip_resolve.py      rewrite deploy/constraints-image.txt (after changing requirements-image.txt)
+    make image-lock      (python deploy/pip_resolve.py) rewrite deploy/constraints-image.txt after a pin changes
 
 tests/test_deploy.py resolves with the same functions: the image's pins with its lock for CPython 3.10, the
 host's requirements for 3.10, 3.11 and 3.12.
@@ -73,7 +73,8 @@ def resolve(requirements: Path, python: str, glibc_minor: int, *options: str) ->
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.json"
         result = subprocess.run(
-            [sys.executable, "-c", PIP_FOR_TARGET, json.dumps(marker_environment(python)), "install", "--dry-run", "--ignore-installed", "--quiet",
+            [sys.executable, "-c", PIP_FOR_TARGET, json.dumps(marker_environment(python)),
+             "install", "--dry-run", "--ignore-installed", "--quiet",
              "--report", str(report), "--target", str(Path(scratch) / "target"),
              *target_options(python, glibc_minor), *options, "-r", str(requirements)],
             capture_output=True, text=True, timeout=600)
@@ -121,9 +122,10 @@ def lock_lines(path: Path = IMAGE_LOCK) -> dict[str, str]:
 def write_lock() -> None:
     """Resolve the image's requirements afresh (no lock) and write every package of the result to IMAGE_LOCK."""
     installed = versions(resolve(IMAGE_REQUIREMENTS, IMAGE_PYTHON, IMAGE_GLIBC, "--only-binary=:all:"))
-    header = ("# Every package deploy/Dockerfile installs from requirements-image.txt, direct and transitive, as pip\n"
-              f"# resolved it for CPython {IMAGE_PYTHON} manylinux (glibc 2.{IMAGE_GLIBC}): the image's lock, passed with -c.\n"
-              "# Written by `python deploy/pip_resolve.py`; tests/test_deploy.py checks it is complete and current.\n")
+    header = (f"# Every package deploy/Dockerfile installs from requirements-image.txt, direct and transitive, as\n"
+              f"# pip resolved it for CPython {IMAGE_PYTHON} manylinux (glibc 2.{IMAGE_GLIBC}): the image's lock "
+              "(-c).\n"
+              "# Written by `make image-lock`; tests/test_deploy.py checks that it is complete and current.\n")
     IMAGE_LOCK.write_text(header + "".join(f"{name}=={version}\n" for name, version in sorted(installed.items())))
     print(f"{IMAGE_LOCK}: {len(installed)} packages")
 

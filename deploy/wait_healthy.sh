@@ -17,10 +17,10 @@ container=$(docker compose ps -q "$service")
 [ -n "$container" ] || fail "has no container (docker compose ps -q $service printed nothing)"
 # `docker compose up -d` may have kept a container that restarted before: count from here.
 restarts_before=$(docker inspect -f '{{.RestartCount}}' "$container")
+format='{{.RestartCount}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}'
 deadline=$((SECONDS + limit))
 while :; do
-  info=$(docker inspect -f '{{.RestartCount}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' \
-    "$container") || fail "cannot be inspected (docker inspect $container failed)"
+  info=$(docker inspect -f "$format" "$container") || fail "cannot be inspected (docker inspect $container failed)"
   read -r restarts state health <<<"$info"
   if [ "$restarts" -gt "$restarts_before" ]; then
     fail "exited and was restarted $((restarts - restarts_before)) time(s) while starting: it crash-loops"

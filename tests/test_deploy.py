@@ -441,7 +441,8 @@ esac
     (["0 running starting", "1 running starting"], 60, 1,
      "exited and was restarted 1 time(s) while starting: it crash-loops"),
     (["0 running starting", "0 restarting starting"], 60, 1, "is restarting (it crashed while starting)"),
-    (["0 running starting", "0 running unhealthy"], 60, 1, "is unhealthy: its health check failed after the start period"),
+    (["0 running starting", "0 running unhealthy"], 60, 1,
+     "is unhealthy: its health check failed after the start period"),
     (["0 running starting"], 0, 1, "is still starting after 0s"),
 ])
 def test_wait_healthy_stops_at_the_first_sign(tmp_path, states, seconds, code, message):
