@@ -12,7 +12,8 @@
 #
 # Environment: WEIGHTS (official | synthetic: every model's default), YOLO_WEIGHTS, WHISPER_WEIGHTS,
 # EASYOCR_WEIGHTS (official | synthetic | a local file or folder for that model), WHISPER_SIZE, ENGINE
-# (tensorrt | onnxruntime), MAX_BATCH, PYTHON, TRIDENT, DRY_RUN=1 (print every command, run nothing).
+# (tensorrt | onnxruntime), MAX_BATCH, PYTHON, TRIDENT, DRY_RUN=1 (print every command, run nothing),
+# CHECK_ONLY=1 (step 1 only: is this host ready?).
 # .env fills in what the environment leaves unset (ports, START_PERIOD_SECONDS, the server's settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,7 +89,7 @@ print(",".join(i for d in devices for i in d.get("device_ids") or []))') || fail
       "(R$MIN_DRIVER+) and check \`nvidia-smi -L\`, or edit device_ids in docker-compose.yml"
   printf '%s\n' "$gpus"
   while IFS=, read -r index name capability driver; do
-    capability=${capability// /} driver=${driver// /}
+    name=${name# } capability=${capability// /} driver=${driver// /}
     if [ "$(tenths "$capability")" -lt "$(tenths $MIN_CAPABILITY)" ] ||
       [ "$(tenths "$capability")" -gt "$(tenths $MAX_CAPABILITY)" ]; then
       fail "GPU $index ($name) has compute capability $capability: the 24.10 image's TensorRT 10.5 runs on" \
@@ -100,6 +101,7 @@ print(",".join(i for d in devices for i in d.get("device_ids") or []))') || fail
     fi
   done <<<"$gpus"
 fi
+if [ -n "${CHECK_ONLY:-}" ]; then echo "deploy: the prerequisites are met"; exit 0; fi
 
 step "2/6 export Whisper ($WHISPER_WEIGHTS) and EasyOCR ($EASYOCR_WEIGHTS) into $REPO"
 export_hint="download failed? Pass local weights per model (YOLO_WEIGHTS=, WHISPER_WEIGHTS=, EASYOCR_WEIGHTS=),

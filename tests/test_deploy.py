@@ -2,9 +2,9 @@
 
 No Docker engine or GPU is needed: what those would run is validated statically (the compose file as
 `docker compose` reads it, the model configs, the image's and the deploy host's requirements, the server's
-command line, the `make deploy` plan); the local server's warm-up is exercised by every server test. Not
-checked here: that Docker starts the container, that the GPU preflight of deploy/deploy.sh reads nvidia-smi
-right, and the `docker` side of the health wait (the wait's own logic is checked against a scripted `docker`).
+command line, the `make deploy` plan); the local server's warm-up is exercised by every server test. The
+preflight's and the health wait's logic run against scripted `docker` and `nvidia-smi` commands that answer as
+the real ones do (documented formats); that Docker starts the container and the GPU is used needs a GPU host.
 """
 from __future__ import annotations
 
@@ -419,6 +419,65 @@ def test_make_logs_down_and_clean_recipes():
     clean = " ".join(recipe("clean"))
     assert (f'docker run --rm --entrypoint rm -v "{REPO}/yolov8:/yolov8" trident-triton:24.10 -rf '
             "/yolov8/trt_cache") in clean
+
+
+# --- deploy.sh's preflight (CHECK_ONLY=1) against a scripted `docker` and `nvidia-smi` ----------------------------
+
+PREFLIGHT_DOCKER = """#!/usr/bin/env bash
+# docker info / compose version answer; `compose config` is Docker Compose v2's own reading of the project.
+case "$1 $2" in
+  "info "|"compose version") exit 0 ;;
+  "compose config") shift; exec "$COMPOSE_V2" "$@" ;;
+  *) echo "unexpected docker $*" >&2; exit 2 ;;
+esac
+"""
+PREFLIGHT_NVIDIA_SMI = """#!/usr/bin/env bash
+[ "$*" = "--query-gpu=index,name,compute_cap,driver_version --format=csv,noheader -i 0" ] || exit 6
+echo "$GPU"
+"""
+
+
+def preflight(tmp_path: Path, gpu: str, toolkit: bool = True) -> subprocess.CompletedProcess:
+    tools = {"docker": PREFLIGHT_DOCKER, "nvidia-smi": PREFLIGHT_NVIDIA_SMI}
+    if toolkit:
+        tools["nvidia-container-runtime-hook"] = "#!/bin/sh\n"
+    for name, script in tools.items():
+        (tmp_path / name).write_text(script)
+        (tmp_path / name).chmod(0o755)
+    environment = {k: v for k, v in os.environ.items() if k not in ENV and "WEIGHTS" not in k}
+    return subprocess.run([str(ROOT / "deploy" / "deploy.sh")], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**environment, "PATH": f"{tmp_path}:/usr/bin:/bin", "CHECK_ONLY": "1", "GPU": gpu,
+                               "PYTHON": sys.executable, "COMPOSE_V2": compose_v2()})
+
+
+def test_preflight_passes_a_hopper_gpu_on_r580(tmp_path):
+    result = preflight(tmp_path, "0, NVIDIA H100 80GB HBM3, 9.0, 580.159.04")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("0, NVIDIA H100 80GB HBM3, 9.0, 580.159.04\ndeploy: the prerequisites are met\n")
+
+
+@pytest.mark.parametrize("gpu, message", [
+    ("0, Tesla V100-SXM2-16GB, 7.0, 580.159.04",
+     "GPU 0 (Tesla V100-SXM2-16GB) has compute capability 7.0: the 24.10 image's TensorRT 10.5 runs on 7.5 (Turing) "
+     "to 9.0 (Hopper) only; reserve another GPU in docker-compose.yml"),
+    ("0, NVIDIA B200, 10.0, 580.159.04",
+     "GPU 0 (NVIDIA B200) has compute capability 10.0: the 24.10 image's TensorRT 10.5 runs on 7.5 (Turing) "
+     "to 9.0 (Hopper) only; reserve another GPU in docker-compose.yml"),
+    ("0, Tesla T4, 7.5, 565.57.01",
+     "driver 565.57.01 is older than R570: the image's torch 2.10 uses CUDA 12.8; upgrade the driver (every "
+     "supported NVIDIA branch, e.g. R580, qualifies)"),
+])
+def test_preflight_refuses_what_the_image_cannot_run(tmp_path, gpu, message):
+    result = preflight(tmp_path, gpu)
+    assert result.returncode == 1 and result.stderr == f"deploy: {message}\n"
+    assert "prerequisites are met" not in result.stdout
+
+
+def test_preflight_asks_for_the_container_toolkit(tmp_path):
+    result = preflight(tmp_path, "0, NVIDIA H100 80GB HBM3, 9.0, 580.159.04", toolkit=False)
+    assert result.returncode == 1
+    assert result.stderr == ("deploy: the NVIDIA Container Toolkit is not installed: install it "
+                             "(https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/), then restart Docker\n")
 
 
 # --- deploy/wait_healthy.sh, against a scripted `docker` (no Docker engine here) ------------------------------
