@@ -9,13 +9,13 @@
 # An engine runs only on the TensorRT version that built it (the container's, 10.5 in 24.10) and, by default,
 # on the GPU architecture it was built on: rebuild after changing either (or the weights).
 #
-# Environment: REPO, YOLO_WEIGHTS (official | synthetic | a yolov8 .pt), SIZE, MAX_BATCH, OPT_BATCH, PYTHON,
-# DRY_RUN=1 (print the commands, run nothing).
+# Environment: REPO, YOLO_WEIGHTS (official | synthetic | a yolov8 .pt; default WEIGHTS), SIZE, MAX_BATCH,
+# OPT_BATCH, PYTHON, DRY_RUN=1 (print the commands, run nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REPO=${REPO:-model_repository}
-YOLO_WEIGHTS=${YOLO_WEIGHTS:-official}
+YOLO_WEIGHTS=${YOLO_WEIGHTS:-${WEIGHTS:-official}}  # WEIGHTS: every model's default (deploy.sh)
 SIZE=${SIZE:-n}
 MAX_BATCH=${MAX_BATCH:-64}
 OPT_BATCH=${OPT_BATCH:-$(( MAX_BATCH / 4 > 0 ? MAX_BATCH / 4 : 1 ))}  # export.yolo.opt_batch_size

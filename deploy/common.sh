@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by deploy.sh and build_engine.sh: print each command, shell-quoted so that it can be copied and
 # compared whole, and run it unless DRY_RUN=1.
 DRY_RUN=${DRY_RUN:-}
