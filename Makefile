@@ -15,7 +15,8 @@ WEIGHTS ?= official
 WHISPER_SIZE ?= small
 PYTEST_ARGS ?=
 
-.PHONY: venv deploy-venv system-deps export serve stop status demo test clean perf gpu-bundle engines deploy down logs fuzz soak image-lock
+.PHONY: venv deploy-venv system-deps export serve stop status demo test clean perf gpu-bundle engines deploy down logs \
+  fuzz soak image-lock
 .DEFAULT_GOAL := demo
 
 venv: $(VENV)/.installed
