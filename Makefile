@@ -15,7 +15,8 @@ WEIGHTS ?= official
 WHISPER_SIZE ?= small
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps export serve stop status demo test clean perf gpu-bundle engines deploy down logs fuzz soak
+.PHONY: venv deploy-venv system-deps export serve stop status demo test clean perf gpu-bundle engines deploy down logs \
+  fuzz soak image-lock
 .DEFAULT_GOAL := demo
 
 venv: $(VENV)/.installed
@@ -29,11 +30,10 @@ $(VENV)/.installed: requirements.txt serving/pyproject.toml client/pyproject.tom
 #   libb64-0d   perf_analyzer (shipped in the tritonclient wheel)
 #   fonts-nanum Hangul fonts for the Korean text pages of the benchmark inputs (perf/inputs.py)
 #   prometheus  promtool + a real Prometheus scraping the test server (tests/test_monitoring.py)
-#   docker-compose  `docker-compose config` validates docker-compose.yml + .env (tests/test_deploy.py)
 #   nginx-light the L7 gRPC proxy (grpc_pass, HTTP/2) of the scale-out simulation (tests/test_kubernetes.py);
 #               that test also needs kubectl (its built-in Kustomize), which this machine image carries
 #   ffmpeg      whisper.load_audio (the reference of the audio-decoding parity tests, tests/test_whisper_unit.py)
-SYSTEM_PACKAGES := libb64-0d fonts-nanum prometheus docker-compose nginx-light ffmpeg
+SYSTEM_PACKAGES := libb64-0d fonts-nanum prometheus nginx-light ffmpeg
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -82,23 +82,45 @@ demo: venv
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) ocr $$ocr || status=1; \
 	$(PY) -m trident_serving.server stop; exit $$status
 
-# GPU host (Docker + NVIDIA container toolkit): README, "Deploy on a GPU host". DRY_RUN=1 prints the commands only
-# (and needs no virtual environment).
+# GPU host (Docker + NVIDIA Container Toolkit): README, "Deploy on a GPU host". DRY_RUN=1 prints the commands only
+# (and needs no virtual environment). Weights: WEIGHTS=official|synthetic for every model, or per model
+# YOLO_WEIGHTS / WHISPER_WEIGHTS / EASYOCR_WEIGHTS (a local file or folder); ENGINE, MAX_BATCH, ports from .env or
+# the environment (deploy/deploy.sh).
 DRY_RUN ?=
-MAX_BATCH ?= 64
-# yolov8's TensorRT engine, built by the serving container's trtexec; renders the tensorrt_plan config.
-engines: $(if $(DRY_RUN),,venv)
-	DRY_RUN=$(DRY_RUN) REPO=$(REPO) WEIGHTS=$(WEIGHTS) MAX_BATCH=$(MAX_BATCH) PYTHON=$(PY) deploy/build_engine.sh
+# The deploy host's own environment: the exporters and the client only (deploy/requirements-host.txt), for
+# CPython 3.10-3.12 (PYTHON=python3.11, for example, where python3 is another version).
+DEPLOY_VENV ?= .venv-deploy
+DEPLOY_PY := $(DEPLOY_VENV)/bin/python
+deploy-venv: $(DEPLOY_VENV)/.installed
+$(DEPLOY_VENV)/.installed: deploy/requirements-host.txt deploy/requirements-image.txt \
+    deploy/requirements-image-nodeps.txt serving/pyproject.toml client/pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' || { \
+	  echo "$(DEPLOY_VENV) needs CPython 3.10, 3.11 or 3.12, $(PYTHON) is $$($(PYTHON) -V 2>&1):" \
+	    "make deploy PYTHON=python3.X"; \
+	  exit 1; }
+	test -x $(DEPLOY_PY) || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_PY) -m pip install --quiet --upgrade pip
+	$(DEPLOY_PY) -m pip install --quiet -r deploy/requirements-host.txt -e serving -e client
+	$(DEPLOY_PY) -m pip install --quiet --no-deps -r deploy/requirements-image-nodeps.txt
+	touch $@
 
-deploy: $(if $(DRY_RUN),,venv)
-	DRY_RUN=$(DRY_RUN) WEIGHTS=$(WEIGHTS) WHISPER_SIZE=$(WHISPER_SIZE) MAX_BATCH=$(MAX_BATCH) PYTHON=$(PY) \
-	  TRIDENT=$(VENV)/bin/trident deploy/deploy.sh
+# yolov8's TensorRT engine, built by the serving container's trtexec; renders the tensorrt_plan config.
+engines: $(if $(DRY_RUN),,deploy-venv)
+	DRY_RUN=$(DRY_RUN) REPO=$(REPO) PYTHON=$(DEPLOY_PY) deploy/build_engine.sh
+
+deploy: $(if $(DRY_RUN),,deploy-venv)
+	DRY_RUN=$(DRY_RUN) PYTHON=$(DEPLOY_PY) TRIDENT=$(DEPLOY_VENV)/bin/trident deploy/deploy.sh
 
 down:
 	docker compose down
 
+# the server's log (Prometheus and Grafana: docker compose logs prometheus grafana)
 logs:
-	docker compose logs --follow --tail 200
+	docker compose logs --follow --tail 200 triton
+
+# deploy/constraints-image.txt, the image's lock, resolved afresh from deploy/requirements-image.txt
+image-lock: venv
+	$(PY) deploy/pip_resolve.py
 
 # Benchmarks (perf/, README "Benchmarks"): MODE=cpu (~10 min on 2 cores; default without a GPU) or gpu.
 MODE ?=
@@ -123,6 +145,12 @@ gpu-bundle: venv
 test: venv system-deps
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The container writes yolov8/trt_cache (onnxruntime's TensorRT engine cache) as root: what this user cannot
+# delete is deleted through the image.
 clean:
 	rm -rf .run $(REPO)/export.json $(REPO)/yolov8/config.pbtxt $(REPO)/yolov8/1/model.onnx \
-	  $(REPO)/yolov8/1/model.plan $(REPO)/yolov8/engine.json $(REPO)/yolov8/trt_cache
+	  $(REPO)/yolov8/1/model.plan $(REPO)/yolov8/engine.json
+	@rm -rf $(REPO)/yolov8/trt_cache 2>/dev/null || { \
+	  echo "$(REPO)/yolov8/trt_cache holds files the container wrote as root: deleting them through the image"; \
+	  docker run --rm --entrypoint rm -v "$(abspath $(REPO))/yolov8:/yolov8" trident-triton:24.10 -rf /yolov8/trt_cache \
+	  || { echo "could not: sudo rm -rf $(REPO)/yolov8/trt_cache"; exit 1; }; }

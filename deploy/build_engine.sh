@@ -9,34 +9,30 @@
 # An engine runs only on the TensorRT version that built it (the container's, 10.5 in 24.10) and, by default,
 # on the GPU architecture it was built on: rebuild after changing either (or the weights).
 #
-# Environment: REPO, WEIGHTS (official | synthetic | a .pt path), SIZE, MAX_BATCH, OPT_BATCH, PYTHON,
-# DRY_RUN=1 (print the commands, run nothing).
+# Environment: REPO, YOLO_WEIGHTS (official | synthetic | a yolov8 .pt; default WEIGHTS), SIZE, MAX_BATCH,
+# OPT_BATCH, PYTHON, DRY_RUN=1 (print the commands, run nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REPO=${REPO:-model_repository}
-WEIGHTS=${WEIGHTS:-official}
+YOLO_WEIGHTS=${YOLO_WEIGHTS:-${WEIGHTS:-official}}  # WEIGHTS: every model's default (deploy.sh)
 SIZE=${SIZE:-n}
 MAX_BATCH=${MAX_BATCH:-64}
 OPT_BATCH=${OPT_BATCH:-$(( MAX_BATCH / 4 > 0 ? MAX_BATCH / 4 : 1 ))}  # export.yolo.opt_batch_size
-PYTHON=${PYTHON:-.venv/bin/python}
-DRY_RUN=${DRY_RUN:-}
+PYTHON=${PYTHON:-.venv-deploy/bin/python}
 TRTEXEC=/usr/src/tensorrt/bin/trtexec  # in the tritonserver image (Triton's own QA calls it there)
 IMGSZ=640
 
-run() {  # print a command, run it unless DRY_RUN
-  printf '+ %s\n' "$*"
-  if [ -z "$DRY_RUN" ]; then "$@"; fi
-}
+. deploy/common.sh
 
 if [ "$OPT_BATCH" -lt 1 ] || [ "$OPT_BATCH" -gt "$MAX_BATCH" ]; then
-  echo "OPT_BATCH=$OPT_BATCH must lie in 1..MAX_BATCH=$MAX_BATCH" >&2; exit 2
+  fail "OPT_BATCH=$OPT_BATCH must lie in 1..MAX_BATCH=$MAX_BATCH"
 fi
 yolov8=$(realpath -m "$REPO/yolov8")
 shape() { echo "images:${1}x3x${IMGSZ}x${IMGSZ}"; }
 
-echo "== yolov8 TensorRT engine: fp16, batch profile 1/$OPT_BATCH/$MAX_BATCH, weights $WEIGHTS"
-run "$PYTHON" -m export yolo --weights "$WEIGHTS" --size "$SIZE" --flavour onnxruntime --kind gpu \
+echo "== yolov8 TensorRT engine: fp16, batch profile 1/$OPT_BATCH/$MAX_BATCH, weights $YOLO_WEIGHTS"
+run "$PYTHON" -m export yolo --weights "$YOLO_WEIGHTS" --size "$SIZE" --flavour onnxruntime --kind gpu \
   --max-batch-size "$MAX_BATCH" --repo "$REPO"
 run mkdir -p "$yolov8/trt_cache"
 # The engine is written under a temporary name and moved into place only when trtexec succeeds.
@@ -59,5 +55,5 @@ info = {"onnx_sha256": hashlib.sha256((folder / "1" / "model.onnx").read_bytes()
 (folder / "engine.json").write_text(json.dumps(info, indent=2) + "\n")
 print(f"engine.json: {info}")
 EOF
-run "$PYTHON" -m export yolo --weights "$WEIGHTS" --size "$SIZE" --flavour tensorrt --kind gpu \
+run "$PYTHON" -m export yolo --weights "$YOLO_WEIGHTS" --size "$SIZE" --flavour tensorrt --kind gpu \
   --max-batch-size "$MAX_BATCH" --repo "$REPO"

