@@ -567,8 +567,8 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         log(f"{', '.join(SERVED[1:])} loaded on {replicas[0].name}")
 
         #    Then the trident client from `concurrency` threads, a closed loop: it also measures what the replicas
-        #    serve together, which sets the offered load of phase 2.
-        before = settled_successes(replicas)
+        #    serve together, which sets the offered load of phase 2. (No request was sent since `after`.)
+        before = after
         outcomes = client_load(client, options.concurrency, options.client_seconds)
         after = settled_successes(replicas)
         report.client_side_per_replica = {r.name: a - b for r, a, b in zip(replicas, after, before)}
@@ -584,7 +584,7 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         report.offered_rate = round(options.overload * capacity, 2)
         report.offered_requests = max(options.load_requests,
                                       math.ceil(report.offered_rate * options.overload_seconds))
-        before = settled_successes(replicas)
+        before = after
         # The watcher goes on until the metric has fallen back: a request's queue time reaches the counters when
         # it finishes, and Prometheus a scrape later, so the rates peak as the backlog's last requests finish.
         with QueryWatcher(prometheus, queries) as watcher:
@@ -623,7 +623,7 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         # 4. a replica crashes mid-run behind the proxy.
         victim, survivors = replicas[-1], replicas[:-1]
         killed_at: list[float] = []  # when the kill was sent, when the victim's ports were closed
-        before = settled_successes(survivors)
+        before = after[:-1]  # the survivors' counts (idle since)
 
         def kill() -> None:
             killed_at.append(time.monotonic())

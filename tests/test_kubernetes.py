@@ -164,9 +164,9 @@ def test_container_command_is_trident_serve_with_the_deployments_settings(render
     flags = set(argv[5:])
     assert {"--model-repository=/models", "--model-control-mode=explicit", "--load-model=*",
             "--rate-limit=execution_count", f"--rate-limit-resource=gpu_memory_mib:{env['RATE_LIMIT_GPU_MEMORY_MIB']}",
-            f"--exit-timeout-secs={env['EXIT_TIMEOUT_SECS']}", f"--pinned-memory-pool-byte-size={env['PINNED_POOL_BYTES']}",
-            f"--log-verbose={env['LOG_VERBOSE']}", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"} \
-        <= flags, flags
+            f"--exit-timeout-secs={env['EXIT_TIMEOUT_SECS']}",
+            f"--pinned-memory-pool-byte-size={env['PINNED_POOL_BYTES']}", f"--log-verbose={env['LOG_VERBOSE']}",
+            "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"} <= flags, flags
     # The plan's pool (components/resources), not the container's unlimited default.
     assert env["RATE_LIMIT_GPU_MEMORY_MIB"] != serving_container.SETTINGS["RATE_LIMIT_GPU_MEMORY_MIB"].default
 

@@ -76,7 +76,8 @@ gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version
                      capture_output=True, text=True).stdout.strip()
 info = {"onnx_sha256": file_digest(folder / "1" / "model.onnx", "sha256"), "max_batch_size": max_batch,
         "opt_batch_size": opt_batch, "precision": "fp16", "tensorrt": version.group(1) if version else "unknown",
-        "gpu": gpu, "image": "trident-fill (trident-triton:24.10)", "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        "gpu": gpu, "image": "trident-fill (trident-triton:24.10)",
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 (folder / "engine.json").write_text(json.dumps(info, indent=2) + "\n")
 print(f"engine.json: {info}")
 EOF
