@@ -1,21 +1,26 @@
 """Scale-out simulation on one machine: what deploy/kubernetes does, with real parts on loopback ports.
 
-* N Triton replicas (`trident_serving.server`, separate run directories and ports) serving one small model;
+* N Triton replicas (`trident_serving.server`, separate run directories and ports) serving `yolov8`, which takes
+  the load; the first also loads `whisper` (tiny) during the sequential checks, for the worker gauge the
+  Whisper autoscaling rules read;
 * nginx in front as the L7 proxy: gRPC over HTTP/2 (`grpc_pass`) and HTTP, balanced per request;
 * a real Prometheus scraping every replica's metrics endpoint with the labels a PodMonitor attaches
   (`namespace`, `pod`), evaluating the Prometheus Adapter rules and KEDA queries of deploy/kubernetes.
 
 Phases (requests per replica always from each server's own `nv_inference_request_success`):
-1. the trident client with gRPC client-side round robin (`trident.balancing`, no proxy), which also measures
-   the replicas' capacity; a few HTTP requests through nginx;
-2. perf_analyzer through nginx offering more than that capacity, open loop, while the autoscaling metric is
-   sampled from Prometheus; 3. idle until the metric falls back under the HPA's target;
+1. sequential requests: one gRPC channel of the trident client with client-side round robin
+   (`trident.balancing`, no proxy), and HTTP through nginx; then the trident client from many threads with
+   client-side round robin, which also measures the replicas' capacity;
+2. perf_analyzer through nginx offering more than that capacity, open loop; meanwhile every Prometheus Adapter
+   and KEDA query is evaluated, each result recorded;
+3. idle until the autoscaling metric falls back under the HPA's target (still recorded);
 4. the trident client through nginx while one replica is killed (SIGKILL, a crash): only the requests in
    flight on it may fail.
 
     python -m perf.scaleout [--replicas 2] [--repository DIR] [--json report.json]
 
-Without `--repository` it exports `yolov8` (python flavour, synthetic weights) into a temporary directory.
+Without `--repository` it exports `yolov8` (python flavour) and `whisper` (tiny), synthetic weights, into a
+temporary directory; the replicas serve them without their warm-up (scaling is under test, not warm-up).
 Loopback only; every process it starts is stopped at the end.
 """
 from __future__ import annotations
@@ -51,7 +56,12 @@ ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 ADAPTER_VALUES = KUBERNETES / "prometheus-adapter" / "values.yaml"
 NAMESPACE = "trident"
-MODEL = "yolov8"
+MODEL = "yolov8"  # the load
+# Loaded for its metrics only: the Whisper rules (adapter and KEDA) must find their series.
+SERVED = (MODEL, "whisper")
+# kube-controller-manager's --horizontal-pod-autoscaler-tolerance (default 0.1): the HPA changes nothing while
+# value / target lies within 1 +- this.
+HPA_TOLERANCE = 0.1
 
 
 @dataclass
@@ -68,8 +78,8 @@ class ScaleOutOptions:
     overload: float = 5.0
     overload_seconds: float = 4.0
     client_seconds: float = 4.0  # client-side round-robin phase
-    kill_seconds: float = 10.0  # proxy phase during which one replica is killed ...
-    kill_after: float = 4.0  # ... this long after it starts
+    kill_seconds: float = 8.0  # proxy phase during which one replica is killed ...
+    kill_after: float = 3.0  # ... this long after it starts
     idle_timeout: float = 30.0  # how long to wait for the metric to fall back when idle
     scrape_interval: str = "1s"
     # The adapter rules use 1-minute rates (two Whisper windows); the simulation keeps everything else and
@@ -80,16 +90,21 @@ class ScaleOutOptions:
 @dataclass
 class Report:
     replicas: int
+    served: dict[str, list[str]] = field(default_factory=dict)  # pod -> models it serves
     requests_per_replica: dict[str, int] = field(default_factory=dict)  # perf_analyzer through nginx
     offered_rate: float = 0.0  # req/s perf_analyzer offered (open loop)
     offered_requests: int = 0  # requests it sent at that rate
     perf_analyzer_throughput: float = 0.0  # infer/s it measured
     client_side_per_replica: dict[str, int] = field(default_factory=dict)  # trident client, round_robin
+    client_side_sequential_per_replica: dict[str, int] = field(default_factory=dict)  # one channel, in turn
     http_per_replica: dict[str, int] = field(default_factory=dict)  # trident client over HTTP through nginx
     kill: dict = field(default_factory=dict)  # what happened when a replica died mid-run
     metric: dict = field(default_factory=dict)  # the autoscaling metric: threshold, idle, load, after
     adapter_queries: dict[str, str] = field(default_factory=dict)  # rule name -> PromQL as evaluated
     keda_queries: dict[str, str] = field(default_factory=dict)  # KEDA trigger name -> PromQL as evaluated
+    # During the load: the most series each query returned in one evaluation, and its largest value.
+    adapter_results: dict[str, dict] = field(default_factory=dict)  # rule name -> {"series": n, "max": v}
+    keda_results: dict[str, dict] = field(default_factory=dict)  # trigger name -> {"series": n, "max": v}
     wall_seconds: float = 0.0
 
 
@@ -151,6 +166,13 @@ class Replica:
 
     def stop(self) -> None:
         server.stop(self.options)
+
+    def load(self, model: str) -> None:
+        """Load `model` from the repository (explicit model control); returns once it is READY."""
+        import tritonclient.http as httpclient
+
+        with httpclient.InferenceServerClient(f"127.0.0.1:{self.options.http_port}", network_timeout=600) as client:
+            client.load_model(model)
 
     def successes(self, model: str = MODEL) -> int:
         """`nv_inference_request_success` of `model` from this replica's own metrics endpoint."""
@@ -219,7 +241,7 @@ def settled_successes(replicas: list[Replica], timeout: float = 15.0) -> list[in
     counts = [r.successes() for r in replicas]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.25)
         again = [r.successes() for r in replicas]
         if again == counts:
             break
@@ -252,19 +274,17 @@ def start_nginx(replicas: list[Replica], work: Path) -> tuple[Process, int, int]
 
 
 def start_prometheus(replicas: list[Replica], work: Path, scrape_interval: str) -> LocalPrometheus:
-    """A real Prometheus scraping every replica, labelled as the PodMonitor labels pods; returns once it has
-    stored every replica's Triton metrics."""
-    prometheus = LocalPrometheus({f"127.0.0.1:{r.options.metrics_port}": {"namespace": NAMESPACE, "pod": r.name}
-                                  for r in replicas}, work / "prometheus", scrape_interval)
+    """A real Prometheus scraping every replica, labelled as the PodMonitor labels pods."""
+    return LocalPrometheus({f"127.0.0.1:{r.options.metrics_port}": {"namespace": NAMESPACE, "pod": r.name}
+                            for r in replicas}, work / "prometheus", scrape_interval)
+
+
+def wait_for_scrape(prometheus: LocalPrometheus, replicas: list[Replica], series: str) -> None:
+    """Returns once Prometheus has stored `series` (PromQL) of every replica."""
     wanted = {r.name for r in replicas}
-    try:
-        wait_for(lambda: {p for p, v in prometheus.query(f'up{{namespace="{NAMESPACE}"}}').items() if v == 1} >= wanted
-                 and set(prometheus.query('nv_inference_queue_duration_us{model="%s"}' % MODEL)) >= wanted,
-                 60, "Prometheus scrape of every replica", interval=0.5)
-    except BaseException:
-        prometheus.stop()
-        raise
-    return prometheus
+    wait_for(lambda: {p for p, v in prometheus.query(f'up{{namespace="{NAMESPACE}"}}').items() if v == 1} >= wanted
+             and set(prometheus.query(series)) >= wanted, 60, f"Prometheus scrape of {series} from every replica",
+             interval=0.5)
 
 
 # -- the adapter rules, as Prometheus Adapter renders them ---------------------------------------------------
@@ -334,13 +354,14 @@ class Outcome:
     error: str = ""
 
 
-def client_load(url: str, concurrency: int, seconds: float, at: float | None = None, action=None,
+IMAGE = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
+
+
+def client_load(client: Client, concurrency: int, seconds: float, at: float | None = None, action=None,
                 requests: int | None = None) -> list[Outcome]:
-    """`concurrency` threads sending `yolov8` requests with the trident client for `seconds` (or until
+    """`concurrency` threads sending `yolov8` requests with the trident `client` for `seconds` (or until
     `requests` have been sent); `action()` runs `at` seconds in (e.g. killing a replica). Every request's
     start, end and outcome, on one monotonic clock."""
-    client = Client(url, timeout=60)
-    image = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
     outcomes: list[Outcome] = []
     lock = threading.Lock()
     start = time.monotonic()
@@ -358,7 +379,7 @@ def client_load(url: str, concurrency: int, seconds: float, at: float | None = N
                     return
             t0 = time.monotonic()
             try:
-                client.infer(MODEL, {"images": image}, ["output0"])
+                client.infer(MODEL, {"images": IMAGE}, ["output0"])
                 outcome = Outcome(t0, time.monotonic(), True)
             except Exception as exc:  # noqa: BLE001 - every failure is recorded, none is fatal here
                 outcome = Outcome(t0, time.monotonic(), False, f"{type(exc).__name__}: {exc}"[:300])
@@ -376,47 +397,73 @@ def client_load(url: str, concurrency: int, seconds: float, at: float | None = N
     return outcomes
 
 
+def hpa_average(result: dict[str, float]) -> float:
+    """A per-pod query's result as the HPA compares it with an AverageValue target: the mean over the pods
+    reporting it."""
+    return sum(result.values()) / len(result) if result else 0.0
+
+
 def hpa_value(prometheus: LocalPrometheus, query: str) -> float:
-    """The metric as the HPA compares it with an AverageValue target: the mean over the pods reporting it."""
-    values = list(prometheus.query(query).values())
-    return sum(values) / len(values) if values else 0.0
+    return hpa_average(prometheus.query(query))
 
 
-class MetricWatcher:
-    """Samples a metric (`measure()`, e.g. `hpa_value` of a query) while load runs."""
+class QueryWatcher:
+    """Evaluates PromQL `queries` ({name: query}) every `interval` seconds while load runs; `samples[name]` holds
+    each evaluation's result ({pod or series: value})."""
 
-    def __init__(self, measure, interval: float = 0.5):
-        self.measure, self.interval = measure, interval
-        self.samples: list[float] = []
+    def __init__(self, prometheus: LocalPrometheus, queries: dict[str, str], interval: float = 0.5):
+        self.prometheus, self.queries, self.interval = prometheus, queries, interval
+        self.samples: dict[str, list[dict[str, float]]] = {name: [] for name in queries}
+        self.error: Exception | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(self.measure())
+            for name, query in self.queries.items():
+                try:
+                    self.samples[name].append(self.prometheus.query(query))
+                except Exception as exc:  # noqa: BLE001 - kept and re-raised by __exit__ in the caller's thread
+                    self.error = self.error or exc
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "MetricWatcher":
+    def results(self, names: list[str]) -> dict[str, dict]:
+        """{name: {"series": most series one evaluation returned, "max": largest value}} for `names`."""
+        return {name: {"series": max((len(r) for r in self.samples[name]), default=0),
+                       "max": max((v for r in self.samples[name] for v in r.values()), default=0.0)}
+                for name in names}
+
+    def __enter__(self) -> "QueryWatcher":
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def export_repository(target: Path) -> Path:
-    """`yolov8` alone (python flavour, synthetic weights): the cheapest real model of the repository."""
-    subprocess.run([sys.executable, "-m", "export", "yolo", "--weights", "synthetic", "--flavour", "python",
-                    "--repo", str(target)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    """`yolov8` (python flavour) and `whisper` (tiny, CPU) from synthetic weights: the cheapest real models."""
+    for args in (["yolo", "--flavour", "python"], ["whisper", "--size", "tiny", "--kind", "cpu"]):
+        subprocess.run([sys.executable, "-m", "export", *args, "--weights", "synthetic", "--repo", str(target)],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return target
 
 
-def only_model(source: Path, target: Path, model: str = MODEL) -> Path:
-    """A repository holding just `model`, copied from `source`."""
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source / model, target / model, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+def served_models(source: Path, target: Path, models: tuple[str, ...]) -> Path:
+    """A repository of `models` from `source`: their files linked, their configs without `model_warmup`
+    (a replica's warm-up is not under test, and whisper's would double its load time on a CPU)."""
+    for model in models:
+        if not (source / model / "config.pbtxt").is_file():
+            raise FileNotFoundError(f"{source} has no {model}: export it (python -m export ...) or omit --repository")
+        (target / model).mkdir(parents=True, exist_ok=True)
+        for item in (source / model).iterdir():
+            if item.name not in ("config.pbtxt", "__pycache__"):
+                (target / model / item.name).symlink_to(item.resolve())
+        config = re.sub(r"\nmodel_warmup \[.*?\n\]", "", (source / model / "config.pbtxt").read_text(), flags=re.S)
+        (target / model / "config.pbtxt").write_text(config)
     return target
 
 
@@ -429,28 +476,42 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         work = options.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scaleout-")))
         work.mkdir(parents=True, exist_ok=True)
         source = options.repository or export_repository(work / "export")
-        repository = only_model(source, work / "repository")
+        # yolov8 at start; whisper, which only has to publish its metrics, loads during the sequential checks.
+        repository = served_models(source, work / "repository", (MODEL,))
         replicas = [Replica(f"trident-sim-{i}", server.on_free_ports(
             repository=repository, run_dir=work / f"replica-{i}", ready_timeout=180)) for i in range(options.replicas)]
         for replica in replicas:
             stack.callback(replica.stop)
-        # Start them together: each load is mostly waiting on its stub.
+        # Start everything together: a replica's start is mostly waiting on its stubs, and nginx and Prometheus
+        # need only the replicas' ports (nginx tries an upstream at a request, Prometheus retries its scrapes).
         errors: list[BaseException] = []
-        starters = [threading.Thread(target=lambda r=r: _collect(errors, r.start)) for r in replicas]
+        parts: dict[str, object] = {}
+        starts = [*(r.start for r in replicas),
+                  lambda: parts.update(nginx=start_nginx(replicas, work)),
+                  lambda: parts.update(prometheus=start_prometheus(replicas, work, options.scrape_interval))]
+        starters = [threading.Thread(target=_collect, args=(errors, start)) for start in starts]
         for thread in starters:
             thread.start()
         for thread in starters:
             thread.join()
+        if "nginx" in parts:
+            stack.callback(parts["nginx"][0].stop)
+        if "prometheus" in parts:
+            stack.callback(parts["prometheus"].stop)
         if errors:
             raise errors[0]
-        log(f"{len(replicas)} replicas ready: gRPC ports {[r.options.grpc_port for r in replicas]}")
-        nginx, grpc_port, http_port = start_nginx(replicas, work)
-        stack.callback(nginx.stop)
-        prometheus = start_prometheus(replicas, work, options.scrape_interval)
-        stack.callback(prometheus.stop)
-        log(f"nginx gRPC :{grpc_port} HTTP :{http_port}, Prometheus :{prometheus.port}")
+        (nginx, grpc_port, http_port), prometheus = parts["nginx"], parts["prometheus"]
+        log(f"{len(replicas)} replicas ready: gRPC ports {[r.options.grpc_port for r in replicas]}; nginx gRPC "
+            f":{grpc_port} HTTP :{http_port}, Prometheus :{prometheus.port}")
+        wait_for_scrape(prometheus, replicas, 'nv_inference_queue_duration_us{model="%s"}' % MODEL)
+        served_models(source, repository, SERVED[1:])
+        # On the first replica only (the one that survives phase 4): one more torch-importing stub per replica
+        # would slow this 2-core machine for no added check.
+        loader = threading.Thread(target=_collect, args=(errors, lambda: [replicas[0].load(m) for m in SERVED[1:]]),
+                                  daemon=True)
+        loader.start()
 
-        report = Report(replicas=len(replicas))
+        report = Report(replicas=len(replicas), served={r.name: [MODEL] for r in replicas})
         rules = adapter_rules()
         pods = [r.name for r in replicas]
         report.adapter_queries = {name: rule.promql(pods, window=options.rate_window)
@@ -458,70 +519,103 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         # The KEDA queries select pods by name (trident-...) in namespace trident: the simulated pods match.
         report.keda_queries = {name: query.replace("[1m]", f"[{options.rate_window}]")
                                for name, (query, _) in keda_triggers().items()}
-        for query in [*report.adapter_queries.values(), *report.keda_queries.values()]:
-            prometheus.query(query)  # every rule is valid PromQL against live Triton series
+        # Every rule is valid PromQL (a PrometheusError here names the broken one); keyed (kind, name).
+        queries = {**{("adapter", n): q for n, q in report.adapter_queries.items()},
+                   **{("keda", n): q for n, q in report.keda_queries.items()}}
+        for query in queries.values():
+            prometheus.query(query)
         metric_name = "trident_queued_requests"
         threshold = hpa_targets()[metric_name]
         query = report.adapter_queries[metric_name]
         idle_before = hpa_value(prometheus, query)
 
-        # 1. client-side balancing: gRPC round_robin over the replicas' own addresses, no proxy. Closed loop:
-        #    it also measures what the replicas serve together, which sets the offered load of phase 2.
-        before = settled_successes(replicas)
+        # 1. client-side balancing: gRPC round_robin over the replicas' own addresses, no proxy. The trident
+        #    client keeps one gRPC channel per thread; each channel's round_robin rotates over the replicas it is
+        #    connected to, from a random one. So first one channel alone: once connected to every replica (each
+        #    has answered it), its sequential requests must alternate exactly.
         target = static_target([f"127.0.0.1:{r.options.grpc_port}" for r in replicas])
-        outcomes = client_load(target, options.concurrency, options.client_seconds)
+        client = Client(target, timeout=60)
+        initial = [r.successes() for r in replicas]
+        for _ in range(20):
+            client.infer(MODEL, {"images": IMAGE}, ["output0"])
+            if all(r.successes() > i for r, i in zip(replicas, initial)):
+                break
+        before = settled_successes(replicas)
+        for _ in range(2 * len(replicas)):  # in this thread: its channel is the connected one
+            client.infer(MODEL, {"images": IMAGE}, ["output0"])
+        after = settled_successes(replicas)
+        report.client_side_sequential_per_replica = {r.name: a - b for r, a, b in zip(replicas, after, before)}
+
+        # HTTP through the proxy too: nginx balances each HTTP/1.1 request over its keep-alive upstreams.
+        before = after
+        outcomes = client_load(Client(f"http://127.0.0.1:{http_port}", timeout=60), 1, 0.0,
+                               requests=2 * len(replicas))
+        after = settled_successes(replicas)
+        report.http_per_replica = {r.name: a - b for r, a, b in zip(replicas, after, before)}
+        if not all(o.ok for o in outcomes):
+            raise RuntimeError(f"HTTP through nginx failed: {[o.error for o in outcomes if not o.ok][:1]}; "
+                               f"nginx error log:\n{nginx_log(work)}")
+        log(f"sequential requests: one round_robin channel {report.client_side_sequential_per_replica}, "
+            f"HTTP via nginx {report.http_per_replica}")
+
+        # Whisper's load competes for the CPU: it must be over before the replicas' capacity is measured.
+        loader.join()
+        if errors:
+            raise errors[0]
+        wait_for_scrape(prometheus, replicas[:1], "trident_whisper_active_transcriptions")
+        report.served[replicas[0].name] += SERVED[1:]
+        log(f"{', '.join(SERVED[1:])} loaded on {replicas[0].name}")
+
+        #    Then the trident client from `concurrency` threads, a closed loop: it also measures what the replicas
+        #    serve together, which sets the offered load of phase 2. (No request was sent since `after`.)
+        before = after
+        outcomes = client_load(client, options.concurrency, options.client_seconds)
         after = settled_successes(replicas)
         report.client_side_per_replica = {r.name: a - b for r, a, b in zip(replicas, after, before)}
         failed = [o for o in outcomes if not o.ok]
         if failed:
             raise RuntimeError(f"client-side balancing: {len(failed)} failures, e.g. {failed[0].error}")
         capacity = len(outcomes) / (max(o.end for o in outcomes) - min(o.start for o in outcomes))
-        log(f"client-side round_robin ({target}): {capacity:.1f} req/s, per replica "
+        log(f"client-side round_robin ({target}), {options.concurrency} threads: {capacity:.1f} req/s, per replica "
             f"{report.client_side_per_replica}")
-
-        # HTTP through the proxy too: nginx balances each HTTP/1.1 request over its keep-alive upstreams.
-        before = settled_successes(replicas)
-        outcomes = client_load(f"http://127.0.0.1:{http_port}", 1, 0.0, requests=2 * len(replicas))
-        after = settled_successes(replicas)
-        report.http_per_replica = {r.name: a - b for r, a, b in zip(replicas, after, before)}
-        if not all(o.ok for o in outcomes):
-            raise RuntimeError(f"HTTP through nginx failed: {[o.error for o in outcomes if not o.ok][:1]}; "
-                               f"nginx error log:\n{nginx_log(work)}")
-        log(f"HTTP via nginx: per replica {report.http_per_replica}")
 
         # 2. perf_analyzer through the proxy, offering 5x that capacity: queues build on every replica, as
         #    when traffic outgrows a Deployment; then it stops and they drain.
         report.offered_rate = round(options.overload * capacity, 2)
         report.offered_requests = max(options.load_requests,
                                       math.ceil(report.offered_rate * options.overload_seconds))
-        before = settled_successes(replicas)
-        # KEDA (metricType AverageValue) divides the query's single value by the replica count.
-        keda_query = report.keda_queries["queued-requests"]
-        keda_measure = lambda: sum(prometheus.query(keda_query).values()) / len(replicas)  # noqa: E731
-        with MetricWatcher(lambda: hpa_value(prometheus, query)) as watcher, \
-                MetricWatcher(keda_measure) as keda_watcher:
+        before = after
+        # The watcher goes on until the metric has fallen back: a request's queue time reaches the counters when
+        # it finishes, and Prometheus a scrape later, so the rates peak as the backlog's last requests finish.
+        with QueryWatcher(prometheus, queries) as watcher:
             report.perf_analyzer_throughput = run_perf_analyzer(grpc_port, report.offered_rate,
                                                                 report.offered_requests)
-        after = settled_successes(replicas)
+            after = settled_successes(replicas)
+            # 3. idle: every request has been answered; the metric falls back below the target, beyond the
+            #    HPA's tolerance (where a scale-down becomes possible).
+            start = time.monotonic()
+            idle_after = hpa_value(prometheus, query)
+            while idle_after >= threshold * (1 - HPA_TOLERANCE) and time.monotonic() - start < options.idle_timeout:
+                time.sleep(0.5)
+                idle_after = hpa_value(prometheus, query)
+            waited = time.monotonic() - start
         report.requests_per_replica = {r.name: a - b for r, a, b in zip(replicas, after, before)}
         log(f"perf_analyzer via nginx, {report.offered_requests} requests at {report.offered_rate} req/s: "
             f"{report.perf_analyzer_throughput:.1f} infer/s, per replica {report.requests_per_replica}")
-        load_peak = max(watcher.samples or [0.0])
-        above = sum(v > threshold for v in watcher.samples) * watcher.interval
-
-        # 3. idle: every request has been answered; the metric falls back below the target.
-        start = time.monotonic()
-        idle_after = hpa_value(prometheus, query)
-        while idle_after >= threshold and time.monotonic() - start < options.idle_timeout:
-            time.sleep(0.5)
-            idle_after = hpa_value(prometheus, query)
-        waited = time.monotonic() - start
+        results = watcher.results(list(queries))
+        report.adapter_results = {n: r for (kind, n), r in results.items() if kind == "adapter"}
+        report.keda_results = {n: r for (kind, n), r in results.items() if kind == "keda"}
+        log(f"queries during the load (series, max): adapter {report.adapter_results}, KEDA {report.keda_results}")
+        # The HPA compares the mean over the pods reporting the metric with its AverageValue target; KEDA
+        # (metricType AverageValue) divides its query's single value by the replica count.
+        hpa_samples = [hpa_average(r) for r in watcher.samples[("adapter", metric_name)]]
+        keda_samples = [sum(r.values()) / len(replicas) for r in watcher.samples[("keda", "queued-requests")]]
+        load_peak = max(hpa_samples, default=0.0)
+        above = sum(v > threshold for v in hpa_samples) * watcher.interval
         report.metric = {"name": metric_name, "threshold": threshold, "window": options.rate_window,
                          "idle_before": idle_before, "load_peak": load_peak, "seconds_above_threshold": above,
-                         # The HPA's rule: desired = ceil(current x value / target), before behaviour limits.
-                         "hpa_desired_replicas_at_peak": math.ceil(len(replicas) * load_peak / threshold),
                          "keda_threshold": keda_triggers()["queued-requests"][1],
-                         "keda_load_peak": max(keda_watcher.samples or [0.0]),
+                         "keda_load_peak": max(keda_samples, default=0.0),
                          "idle_after": idle_after, "seconds_to_fall_back": round(waited, 1)}
         log(f"{metric_name}: idle {idle_before:.2f}, peak under load {load_peak:.2f} (threshold {threshold}, "
             f"above it for {above:.1f} s), back to {idle_after:.2f} {waited:.1f} s after the load ended")
@@ -529,15 +623,15 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         # 4. a replica crashes mid-run behind the proxy.
         victim, survivors = replicas[-1], replicas[:-1]
         killed_at: list[float] = []  # when the kill was sent, when the victim's ports were closed
-        before = settled_successes(survivors)
+        before = after[:-1]  # the survivors' counts (idle since)
 
         def kill() -> None:
             killed_at.append(time.monotonic())
             victim.kill()
             killed_at.append(time.monotonic())
 
-        outcomes = client_load(f"127.0.0.1:{grpc_port}", options.concurrency, options.kill_seconds,
-                               at=options.kill_after, action=kill)
+        outcomes = client_load(Client(f"127.0.0.1:{grpc_port}", timeout=60), options.concurrency,
+                               options.kill_seconds, at=options.kill_after, action=kill)
         after = settled_successes(survivors)
         # In flight at the kill: sent before the victim was gone, still unanswered when the kill was sent.
         t_kill, t_dead = killed_at

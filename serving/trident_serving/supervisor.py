@@ -13,7 +13,9 @@ through Triton's model-control API, which starts fresh stubs (so tritonserver mu
 While the model is unloading and loading, Triton itself reports it (and, with strict readiness, the server)
 not ready; `python -m trident_serving.supervisor check` (the container's health check) and `trident health`
 also go red while any model of the repository is not READY, including one whose reload failed. A failed
-reload is retried with backoff.
+reload is retried with backoff; after `--reload-attempts` failures the supervisor gives up: it stops tritonserver
+and exits with GAVE_UP (75), so that the container is restarted afresh rather than serving without the model.
+A liveness probe therefore needs no model check: the supervisor's exit is the verdict.
 
 The supervisor forwards SIGTERM/SIGINT to tritonserver, exits with its exit status, and reaps orphans, so it
 can be a container's PID 1. A tritonserver that itself dies (a crash, the OOM killer) makes it exit too, for the
@@ -42,6 +44,8 @@ from .server import remove_stale_shared_memory
 log = logging.getLogger("trident.supervisor")
 
 STUB = "triton_python_backend_stub"
+# Exit status when a model could not be reloaded (sysexits' EX_TEMPFAIL: a fresh start may well succeed).
+GAVE_UP = 75
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,10 @@ class SupervisorOptions:
     url: str = "127.0.0.1:8000"  # tritonserver's HTTP endpoint (the model-control API)
     interval: float = 1.0  # seconds between two looks at the stub processes
     load_timeout: float = 900.0  # one load of one model (Whisper large on a busy GPU takes minutes)
-    retry_delays: tuple[float, ...] = (5.0, 15.0, 60.0, 300.0)  # between failed reloads; the last repeats
+    # A model whose reload fails this many times in a row (at once, then after each delay; the last delay
+    # repeats) makes the supervisor give up: tritonserver is stopped and the supervisor exits with GAVE_UP.
+    reload_attempts: int = 4
+    retry_delays: tuple[float, ...] = (5.0, 15.0, 60.0)
     proc: Path = Path("/proc")
     # A tritonserver that dies on its own is started again up to `restarts` times per `restart_window` seconds.
     # 0 (the container's default): exit with its status and let compose or Kubernetes restart the container.
@@ -208,17 +215,22 @@ class Triton:
         self._call("POST", f"/v2/repository/models/{model}/load", timeout)
 
 
-def check(url: str) -> tuple[bool, str]:
-    """Whether the server at `url` can serve every model of its repository: (ok, one line saying why not)."""
+def check(url: str, timeout: float = 5.0) -> tuple[bool, str]:
+    """Whether the server at `url` can serve every model of its repository: (ok, one line saying why not).
+
+    Its two HTTP calls share `timeout` seconds, so that a probe with a timeout of its own gets an answer."""
+    deadline = time.monotonic() + timeout
     triton = Triton(url)
     try:
-        states = triton.states()
+        states = triton.states(timeout)
     except (OSError, ValueError) as exc:
         return False, f"server at {url} unreachable: {exc}"
+    if not states:
+        return False, "no models in the repository"  # e.g. a model volume that was never filled
     not_ready = {m: s or "UNAVAILABLE" for m, s in states.items() if s != "READY"}
     if not_ready:
         return False, "models not ready: " + ", ".join(f"{m} ({s})" for m, s in sorted(not_ready.items()))
-    if not triton.ready():
+    if not triton.ready(max(0.1, deadline - time.monotonic())):
         return False, "server not ready"
     return True, f"ready: {', '.join(sorted(states))}"
 
@@ -235,6 +247,7 @@ class Supervisor:
         self.recovering: set[str] = set()  # models being reloaded (their stubs come and go)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.gave_up: str | None = None  # the model whose reloads all failed
 
     def poll(self) -> None:
         """One look: find dead stubs and start a reload for each model that lost one."""
@@ -252,20 +265,28 @@ class Supervisor:
                 threading.Thread(target=self.recover, args=(model,), name=f"recover-{model}", daemon=True).start()
 
     def recover(self, model: str) -> None:
-        """Reload `model` until it is READY again (or the supervisor stops), backing off between failures."""
-        attempt = 0
+        """Reload `model` until it is READY again, backing off between failures; give up (stop supervising,
+        `gave_up` set) after `reload_attempts` failures."""
+        attempts, delays = self.options.reload_attempts, self.options.retry_delays
         try:
-            while not self.stopping.is_set():
+            for attempt in range(1, attempts + 1):
+                if self.stopping.is_set():
+                    return
                 started = time.monotonic()
                 try:
                     self.triton.reload(model, self.options.load_timeout)
                     log.warning("model %r reloaded in %.1f s after its stub died", model, time.monotonic() - started)
                     return
                 except (OSError, ValueError) as exc:
-                    delay = self.options.retry_delays[min(attempt, len(self.options.retry_delays) - 1)]
-                    attempt += 1
-                    log.error("reloading model %r failed (attempt %d): %s; retrying in %g s", model, attempt,
-                              _reason(exc), delay)
+                    if attempt == attempts:
+                        log.error("reloading model %r failed (attempt %d of %d): %s; giving up: stopping "
+                                  "tritonserver for a fresh start", model, attempt, attempts, _reason(exc))
+                        self.gave_up = model
+                        self.stopping.set()
+                        return
+                    delay = delays[min(attempt, len(delays)) - 1]
+                    log.error("reloading model %r failed (attempt %d of %d): %s; retrying in %g s", model, attempt,
+                              attempts, _reason(exc), delay)
                     self.stopping.wait(delay)
         finally:
             with self.lock:
@@ -330,16 +351,18 @@ def run(command: list[str], options: SupervisorOptions) -> int:
         code = _supervise(command, options, current)
         if shutdown.is_set() or code == 0:
             return code
+        # A failed repair counts as a crash: with restarts left, a fresh tritonserver loads every model again.
+        what = "was stopped after a failed repair" if code == GAVE_UP else f"exited with {code}"
         now = time.monotonic()
         crashes = [t for t in crashes if now - t < options.restart_window] + [now]
         if len(crashes) > options.restarts:
             if options.restarts:
-                log.error("tritonserver exited with %d, its %d%s crash within %g s: giving up", code, len(crashes),
+                log.error("tritonserver %s, its %d%s crash within %g s: giving up", what, len(crashes),
                           {1: "st", 2: "nd", 3: "rd"}.get(len(crashes), "th"), options.restart_window)
             return code
         removed = remove_stale_shared_memory(since=started)  # the dead server's regions are RAM until deleted
-        log.error("tritonserver exited with %d: starting it again (restart %d of at most %d within %g s; %d "
-                  "shared-memory regions it left deleted)", code, len(crashes), options.restarts,
+        log.error("tritonserver %s: starting it again (restart %d of at most %d within %g s; %d "
+                  "shared-memory regions it left deleted)", what, len(crashes), options.restarts,
                   options.restart_window, len(removed))
         if shutdown.wait(options.restart_delay):
             return code
@@ -369,9 +392,18 @@ def _supervise(command: list[str], options: SupervisorOptions,
     log.info("supervising tritonserver (pid %d) at %s", server.pid, options.url)
     supervisor.run(alive)
     supervisor.stopping.set()
+    if supervisor.gave_up and not exit_status:
+        # Graceful: in-flight requests of the other models finish within tritonserver's exit timeout.
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(float(_flag(command, "--exit-timeout-secs", "30")) + 15)
+        except subprocess.TimeoutExpired:
+            server.kill()
     if not exit_status:
         exit_status.append(server.wait())
     end_orphans(supervisor.stubs, options.proc)
+    if supervisor.gave_up:
+        return GAVE_UP
     code = exit_status[0]
     return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 
@@ -399,6 +431,17 @@ def end_orphans(stubs: dict[int, Stub], proc: Path = Path("/proc"), timeout: flo
         time.sleep(0.1)
 
 
+def _seconds_list(text: str) -> tuple[float, ...]:
+    """`--retry-delays 5,15,60` as (5.0, 15.0, 60.0)."""
+    try:
+        delays = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds separated by commas, e.g. 5,15,60; got {text!r}") from None
+    if any(d < 0 for d in delays):
+        raise argparse.ArgumentTypeError(f"delays cannot be negative: {text!r}")
+    return delays
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         try:
@@ -416,13 +459,15 @@ def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="python -m trident_serving.supervisor check",
                                          description="Exit 0 if the server is ready and every model is READY.")
         parser.add_argument("--url", default="127.0.0.1:8000", help="HTTP address (default 127.0.0.1:8000)")
+        parser.add_argument("--timeout", type=float, default=5.0,
+                            help="seconds the server's answers may take in all (default 5)")
         args = parser.parse_args(argv[1:])
-        ok, message = check(args.url)
+        ok, message = check(args.url, args.timeout)
         print(message, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
     if "--" not in argv:
         print(__doc__.split("\n\n")[0] + "\nusage: python -m trident_serving.supervisor [--interval S] -- "
-              "tritonserver ARGS...\n       python -m trident_serving.supervisor check [--url HOST:PORT]",
+              "tritonserver ARGS...\n       python -m trident_serving.supervisor check [--url HOST:PORT] [--timeout S]",
               file=sys.stderr)
         return 2
     split = argv.index("--")
@@ -430,13 +475,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=SupervisorOptions.interval,
                         help="seconds between looks at the stub processes (default 1)")
     parser.add_argument("--load-timeout", type=float, default=SupervisorOptions.load_timeout)
+    parser.add_argument("--reload-attempts", type=int, default=SupervisorOptions.reload_attempts,
+                        help="failed reloads of one model before giving up: tritonserver is stopped and the "
+                        f"supervisor exits with {GAVE_UP} (default %(default)s)")
+    parser.add_argument("--retry-delays", type=_seconds_list, default=SupervisorOptions.retry_delays,
+                        metavar="S,S,...", help="seconds between failed reloads, the last repeating (default "
+                        + ",".join(f"{d:g}" for d in SupervisorOptions.retry_delays) + ")")
     parser.add_argument("--restarts", type=int, default=SupervisorOptions.restarts,
                         help="start a tritonserver that died on its own again, at most this many times within "
                         "--restart-window seconds (default 0: exit with its status)")
     parser.add_argument("--restart-window", type=float, default=SupervisorOptions.restart_window)
     args = parser.parse_args(argv[:split])
     command = argv[split + 1:]
+    if args.reload_attempts < 1:
+        parser.error("--reload-attempts must be at least 1")
     options = SupervisorOptions(url=http_url(command), interval=args.interval, load_timeout=args.load_timeout,
+                                reload_attempts=args.reload_attempts, retry_delays=args.retry_delays,
                                 restarts=args.restarts, restart_window=args.restart_window)
     return run(command, options)
 
