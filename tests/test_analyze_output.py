@@ -18,7 +18,7 @@ from ultralytics.utils import ASSETS
 from trident.analyze import events, report, subtitles
 from trident.analyze.output import write
 from trident.analyze.results import (SCHEMA, Analysis, FileAnalysis, Frame, MediaInfo, ObjectCounts, Options,
-                                     Server, TextEvent, Timings)
+                                     Server, Timings)
 from trident.results import Detection, Segment, TextLine, Transcription, Word
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +84,8 @@ def _clip_frames() -> list[Frame]:
         if t < 15:
             detections = BUS_SCENE[: 5 - n % 2]  # the half-hidden person comes and goes
             sign = _draw_text(picture, "EXIT ONLY", (60, 40), 56)
-            lines.append(TextLine(sign, ["EXIT ONLY", "EX1T ONLY", "EXIT 0NLY", "exit only."][n % 4], 0.9 - 0.1 * (n % 4)))
+            reading = ["EXIT ONLY", "EX1T ONLY", "EXIT 0NLY", "exit only."][n % 4]
+            lines.append(TextLine(sign, reading, 0.9 - 0.1 * (n % 4)))
             ticker = _draw_text(picture, "SALE 50% OFF", (900 - 60 * n, 600), 40)
             lines.append(TextLine(ticker, *(("SALE 50% OFF", 0.8) if n % 3 else ("SALE 5O% 0FF", 0.7))))
         else:
@@ -317,11 +318,16 @@ def test_subtitle_rules_on_the_transcript(analysis):
     cue_list = subtitles.cues(transcript)
     _check_rules(cue_list)
     assert _words_of(cue_list) == transcript.text.split()
-    assert len(cue_list) == 5  # the third sentence (105 characters, 8.8 s) takes three cues
-    # the long sentence is cut after its comma, at the word timestamps
-    comma = next(c for c in cue_list if c.lines[-1].endswith("dogs,"))
-    dogs = next(w for w in transcript.segments[2].words if w.word == " dogs,")
-    assert comma.end == pytest.approx(min(dogs.end, cue_list[cue_list.index(comma) + 1].start - subtitles.MIN_GAP))
+    # the first sentence (8.1 s) and the third (105 characters) take two balanced cues each, the third cut at its comma
+    assert [c.lines for c in cue_list] == [
+        ["Doctor Emily Carter will meet John Baker"], ["at four o'clock on Friday in room 27."],
+        ["Please send 250 dollars to Michael", "Brown before the 15th of March."],
+        ["The train to London leaves at 9", "with 12 passengers and 3 dogs,"],
+        ["and the next one leaves at 10", "with nobody on board at all."]]
+    words, first = [w for s in transcript.segments for w in s.words], 0
+    for cue in cue_list:  # each cue starts on its first word's timestamp
+        assert cue.start == words[first].start
+        first += len(" ".join(cue.lines).split())
 
 
 def test_subtitle_rules_on_awkward_transcripts():
@@ -406,7 +412,10 @@ addEventListener('unhandledrejection', e => probe.messages.push('rejection: ' + 
 document.addEventListener('securitypolicyviolation', e => probe.messages.push('csp: ' + e.blockedURI));
 for (const level of ['error', 'warn', 'log', 'info', 'debug'])
   console[level] = (...args) => probe.messages.push(level + ': ' + args.join(' '));
-const box = el => { const r = el.getBoundingClientRect(); return [r.left + scrollX, r.top + scrollY, r.width, r.height]; };
+const box = el => {
+  const r = el.getBoundingClientRect();
+  return [r.left + scrollX, r.top + scrollY, r.width, r.height];
+};
 addEventListener('load', async () => {
   const clip = document.getElementById('file-0'), audio = document.getElementById('file-1');
   const video = clip.querySelector('video');
@@ -417,8 +426,10 @@ addEventListener('load', async () => {
     seek: [+stamp.dataset.t, video.currentTime], duration: video.duration,
     seekable: [...document.querySelectorAll('section.file')].map(s => s.classList.contains('seekable')),
     audio_missing_shown: !audio.querySelector('.player-missing').hidden,
-    thumbnails_decoded: [...document.querySelectorAll('.thumb img')].filter(i => i.complete && i.naturalWidth === 320).length,
-    placeholders: [...document.querySelectorAll('.thumb')].filter(t => !t.querySelector('img') && t.querySelector('rect')).length,
+    thumbnails_decoded: [...document.querySelectorAll('.thumb img')]
+      .filter(i => i.complete && i.naturalWidth === 320).length,
+    placeholders: [...document.querySelectorAll('.thumb')]
+      .filter(t => !t.querySelector('img') && t.querySelector('rect')).length,
     injected: document.querySelectorAll('img[src="x"], img:not([src^="data:"])').length,
     thumbnail: box(clip.querySelector('.thumb img')), chart: box(clip.querySelector('.chart svg')),
     transcript: box(clip.querySelector('.transcript')), height: document.documentElement.scrollHeight,

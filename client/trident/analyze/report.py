@@ -90,8 +90,9 @@ def _file_section(n: int, f: FileAnalysis, stem: str, out_dir: Path) -> str:
     if f.error:
         parts.append(f"<p class=error><b>Error:</b> {escape(f.error)}</p>")
     parts += [f"<p class=note>{escape(note)}</p>" for note in f.notes]
-    parts.append(_player(f, out_dir))
-    parts.append(_transcript(f, stem))
+    player, transcript = _player(f, out_dir), _transcript(f, stem)
+    if player or transcript:
+        parts.append(f"<div class=watch>{player}{transcript}</div>")
     if f.text_events:
         parts.append(_text_events(f))
     if len(f.frames) > 1 and f.object_counts.classes:
@@ -124,8 +125,11 @@ def _player(f: FileAnalysis, out_dir: Path) -> str:
         return (f"<p class=player-missing>{escape(relative)} is not beside this report: "
                 "the timestamps do not play it.</p>")
     tag = "video" if f.kind == "video" else "audio"
-    return (f"<div class=player><{tag} controls preload=metadata src=\"{escape(quote(Path(relative).as_posix()))}\">"
-            f"</{tag}></div><p class=player-missing hidden>{escape(relative)} could not be played here: "
+    first = f.frames[0].thumbnail if f.frames and tag == "video" else None
+    poster = f" poster=\"{_data_uri(first)}\"" if first else ""
+    return (f"<div class=player><{tag} controls preload=metadata{poster} "
+            f"src=\"{escape(quote(Path(relative).as_posix()))}\"></{tag}></div>"
+            f"<p class=player-missing hidden>{escape(relative)} could not be played here: "
             "the timestamps do not seek.</p>")
 
 
@@ -147,8 +151,9 @@ def _transcript(f: FileAnalysis, stem: str) -> str:
         rows.append(f"<p class=seg data-start=\"{segment.start:.2f}\" data-end=\"{segment.end:.2f}\">"
                     f"<button class=stamp data-t=\"{segment.start:.2f}\">{_clock(segment.start)}</button> "
                     f"{text}</p>")
-    return (f"<h3>Transcript <span class=meta>language {escape(t.language)} · {len(t.segments)} segments · "
-            f"{links}</span></h3><div class=transcript>{''.join(rows) or '<p class=meta>(no speech)</p>'}</div>")
+    return (f"<div class=speech><h3>Transcript <span class=meta>language {escape(t.language)} · "
+            f"{len(t.segments)} segments · {links}</span></h3>"
+            f"<div class=transcript>{''.join(rows) or '<p class=meta>(no speech)</p>'}</div></div>")
 
 
 def _text_events(f: FileAnalysis) -> str:
@@ -219,9 +224,8 @@ def _gallery(f: FileAnalysis) -> str:
 
 
 def _frame_figure(frame: Frame, width: int, height: int, colours: dict[int, str]) -> str:
-    image = (f"<img alt=\"frame at {frame.time:.2f} s\" src=\"data:image/jpeg;base64,"
-             f"{base64.b64encode(frame.thumbnail).decode()}\">" if frame.thumbnail else "")
-    font = height / 14  # about 10 px on a 240 px wide thumbnail
+    image = f"<img alt=\"frame at {frame.time:.2f} s\" src=\"{_data_uri(frame.thumbnail)}\">" if frame.thumbnail else ""
+    font = height / 18  # about 8 px on a 240 px wide thumbnail
     marks = []
     for d in frame.detections:
         x1, y1, x2, y2 = d.box
@@ -239,6 +243,10 @@ def _frame_figure(frame: Frame, width: int, height: int, colours: dict[int, str]
             f"<svg viewBox=\"0 0 {width} {height}\" preserveAspectRatio=none>{''.join(marks)}</svg></div>"
             f"<figcaption><button class=stamp data-t=\"{frame.time:.2f}\">{_clock(frame.time)}</button> "
             f"{' · '.join(caption)}</figcaption></figure>")
+
+
+def _data_uri(jpeg: bytes) -> str:
+    return f"data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}"
 
 
 def _clock(seconds: float) -> str:
@@ -273,8 +281,10 @@ table{border-collapse:collapse}th,td{text-align:left;padding:3px 12px 3px 0;vert
 .summary th{font-weight:600}.events td.ocr{font-family:ui-monospace,monospace}
 .error{background:#fde8e8;border-left:4px solid #c81e1e;padding:6px 10px}
 .note,.player-missing{background:#fff6db;border-left:4px solid #e3a008;padding:6px 10px}
-.player video{max-width:640px;width:100%;background:#000}.player audio{width:100%;max-width:640px}
-.transcript{max-height:420px;overflow:auto;border:1px solid #e5e5e5;padding:4px 10px}
+.watch{display:flex;flex-wrap:wrap;gap:0 20px;align-items:flex-start}
+.watch .player,.watch .player-missing{flex:0 1 560px;margin-top:18px}.watch .speech{flex:1 1 400px;min-width:0}
+.player video{width:100%;background:#000;display:block}.player audio{width:100%}
+.transcript{max-height:340px;overflow:auto;border:1px solid #e5e5e5;padding:4px 10px}
 .seg{margin:4px 0}.seg.now{background:#e8f0fe}.unsure{text-decoration:underline dotted #c00}
 .stamp{font:12px ui-monospace,monospace;border:0;background:#f0f0f0;border-radius:3px;padding:1px 4px;
 color:#444;cursor:default}

@@ -3,9 +3,9 @@
 The rules (common broadcast practice, e.g. Netflix's and the BBC's timed-text guidelines):
 * at most 42 characters a line and 2 lines a cue; a cue's text is broken into balanced lines between words,
   preferring a break after punctuation; a single word longer than a line is cut into line-long pieces;
-* a segment too long for one cue is halved between words, at the word timestamps, until each part fits: as
-  evenly as possible, but after punctuation when that is not much less even (sentences kept whole, no orphan
-  words); without word timestamps, the segment's time is shared out over its words in proportion to length;
+* a segment too long for one cue is split between words, at the word timestamps, into as few cues as fit; among
+  those splits, cuts after punctuation, no cue under 20 characters or 1 s, then even lengths are preferred; without
+  word timestamps, the segment's time is shared out over its words in proportion to their length;
 * a cue lasts 1 to 7 seconds: a shorter one is held longer when the next cue leaves room, a longer one ends at
   7 s (a segment over 7 s is split into several cues);
 * cues never overlap and are at least 0.08 s (two frames at 25 fps) apart: a cue ends that long before the next
@@ -15,6 +15,7 @@ escapes, so "-->" in the text is written "->" there.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -27,6 +28,8 @@ MAX_LINES = 2
 MIN_DURATION = 1.0
 MAX_DURATION = 7.0
 MIN_GAP = 0.08
+SHORT_CUE = 20  # characters: a shorter cue cut from a longer segment is avoided
+BRIEFEST = 0.2  # seconds a cue stays when the next one starts at the same moment (whisper's words can)
 _CLAUSE_END = re.compile(r"[.,!?;:\u3002\uff0c\uff01\uff1f]$")
 
 
@@ -107,21 +110,31 @@ def _tokens(segment: Segment) -> list[_Token]:
 
 
 def _segment_cues(tokens: list[_Token]) -> list[Cue]:
-    """Halve `tokens` until every part fits a cue: as evenly as possible by characters, but after punctuation
-    when that costs at most a quarter of the text's balance (no orphan words, sentences kept whole)."""
+    """The fewest cues that fit `tokens` (dynamic programming over the cuts between words); among those, cuts
+    after punctuation, no short leftover cue (under SHORT_CUE characters or MIN_DURATION), then balanced cues."""
     if not tokens:
         return []
-    if len(tokens) == 1 or _fits(tokens):
-        return [_cue(tokens)]
-    lengths = [len(t.text) for t in tokens]
-    total = sum(lengths)
-
-    def cost(k: int) -> float:
-        left = sum(lengths[:k])
-        return abs(2 * left - total) / total - (0.25 if _CLAUSE_END.search(tokens[k - 1].text) else 0.0)
-
-    cut = min(range(1, len(tokens)), key=cost)
-    return _segment_cues(tokens[:cut]) + _segment_cues(tokens[cut:])
+    # best[end]: (cost, start of the last cue) of the best cues for tokens[:end]
+    best: list[tuple[float, int]] = [(0.0, 0)] + [(math.inf, 0)] * len(tokens)
+    for end in range(1, len(tokens) + 1):
+        for start in range(end - 1, -1, -1):
+            part = tokens[start:end]
+            if len(part) > 1 and not _fits(part):
+                break  # a longer part does not fit either
+            characters = len("".join(t.text for t in part).strip())
+            cost = best[start][0] + 1.0 + 0.1 * (characters / (MAX_LINE * MAX_LINES)) ** 2  # squares: balance
+            if end < len(tokens) and not _CLAUSE_END.search(part[-1].text):
+                cost += 0.3
+            if len(part) < len(tokens) and (characters < SHORT_CUE or part[-1].end - part[0].start < MIN_DURATION):
+                cost += 0.5
+            if cost < best[end][0]:
+                best[end] = (cost, start)
+    cues, end = [], len(tokens)
+    while end:
+        start = best[end][1]
+        cues.append(_cue(tokens[start:end]))
+        end = start
+    return cues[::-1]
 
 
 def _fits(tokens: list[_Token]) -> bool:
@@ -129,7 +142,9 @@ def _fits(tokens: list[_Token]) -> bool:
 
 
 def _cue(tokens: list[_Token]) -> Cue:
-    return Cue(tokens[0].start, tokens[-1].end, wrap([t.text for t in tokens]) or [])
+    lines = wrap([t.text for t in tokens])
+    assert lines, "a cue is one word of at most a line, or words that _fits"
+    return Cue(tokens[0].start, tokens[-1].end, lines)
 
 
 def _retime(cue_list: list[Cue]) -> list[Cue]:
@@ -139,14 +154,11 @@ def _retime(cue_list: list[Cue]) -> list[Cue]:
         end = min(max(cue.end, cue.start + MIN_DURATION), cue.start + MAX_DURATION)
         if following is not None:
             if following.start - MIN_GAP <= cue.start:  # next one starts at once: show this one briefly first
-                following.start = cue.start + MIN_GAP + _BRIEFEST
+                following.start = cue.start + MIN_GAP + BRIEFEST
                 following.end = max(following.end, following.start)
             end = min(end, following.start - MIN_GAP)
         cue.end = end
     return ordered
-
-
-_BRIEFEST = 0.2  # how long a cue stays when the next one starts at the same moment (whisper times words to 0.02 s)
 
 
 def _stamp(seconds: float, decimal_mark: str) -> str:
