@@ -2,6 +2,8 @@
 SRT/WebVTT read back by ffmpeg, and report.html rendered by headless Chromium (Debian's `chromium` package)."""
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import io
 import json
 import re
@@ -185,6 +187,19 @@ def test_schema_rejects_a_wrong_document(analysis, path, value):
 def test_from_json_names_a_foreign_document():
     with pytest.raises(ValueError, match="not a trident.analysis/1 document.*'other/3'"):
         Analysis.from_json('{"schema": "other/3"}')
+
+
+def test_a_new_analysis_is_stamped_and_options_are_checked():
+    begun = Analysis.begin(Server("localhost:8001", "grpc"), Options(fps=2))
+    assert begun.trident_version == importlib.metadata.version("trident") and begun.options.interval == 0.5
+    assert datetime.datetime.fromisoformat(begun.created.replace("Z", "+00:00")).tzinfo == datetime.timezone.utc
+    _validator().validate(json.loads(begun.to_json()))
+    with pytest.raises(ValueError, match="fps must be a positive"):
+        Options(fps=0)
+    with pytest.raises(ValueError, match="not both"):
+        Options(fps=1, scenes=True)
+    with pytest.raises(ValueError, match="kind must be one of video, audio, image, got 'movie'"):
+        FileAnalysis("a.mp4", kind="movie")
 
 
 def _schema_fields(schema: dict) -> set[str]:
@@ -508,3 +523,35 @@ def test_report_screenshot_shows_thumbnails_transcript_and_chart(rendered, analy
     dark = (transcript.mean(axis=2) < 90).mean()
     stamps = (np.abs(transcript - np.array([0x1a, 0x56, 0xdb])).max(axis=2) < 20).sum()
     assert dark > 0.01 and stamps > 50  # black text and blue (seekable) timestamps
+
+
+def test_report_moved_away_from_its_video_still_reads(rendered, tmp_path):
+    """The video's relative path no longer leads anywhere: the player gives way to a note, timestamps stay text."""
+    html = (rendered[3] / "report.html").read_text()
+    probe = """<script>
+const messages = [];
+addEventListener('error', e => messages.push(e.target.tagName || e.message), true);
+for (const level of ['error', 'warn', 'log', 'info', 'debug'])
+  console[level] = (...args) => messages.push(level + ': ' + args.join(' '));
+addEventListener('load', () => setTimeout(() => {
+  const clip = document.getElementById('file-0');
+  clip.querySelector('.seg .stamp').click();
+  const out = document.createElement('pre');
+  out.id = 'probe';
+  out.textContent = JSON.stringify({messages, seekable: clip.classList.contains('seekable'),
+    player_hidden: clip.querySelector('.player').hidden, note: !clip.querySelector('.player-missing').hidden,
+    transcript_segments: clip.querySelectorAll('.seg').length});
+  document.body.append(out);
+}, 500));
+</script>"""
+    moved = tmp_path / "elsewhere" / "moved.html"  # one folder deeper than the report was
+    moved.parent.mkdir()
+    moved.write_text(html.replace("<head>", "<head>" + probe, 1))
+    video = re.search(r'<video [^>]*src="([^"]+)"', html).group(1)
+    assert (rendered[3] / video).is_file() and not (moved.parent / video).exists()
+    run = _chromium("--dump-dom", "--enable-logging=stderr", "--v=0", "--window-size=1280,1000", url=moved.as_uri())
+    found = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout, re.S)
+    assert found, run.stderr[-2000:]
+    assert json.loads(found.group(1)) == {"messages": ["VIDEO"], "seekable": False, "player_hidden": True,
+                                          "note": True, "transcript_segments": 3}
+    assert [line for line in run.stderr.splitlines() if "CONSOLE" in line] == []

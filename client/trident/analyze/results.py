@@ -5,6 +5,8 @@ thumbnails live only in memory, for report.html: analysis.json does not carry th
 """
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -117,6 +119,17 @@ class Options:
     scenes: bool = False
     language: str | None = None  # None: detected per input
 
+    def __post_init__(self):
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be a positive number of frames per second, got {self.fps}")
+        if self.fps is not None and self.scenes:
+            raise ValueError("sample frames either at a fixed rate (fps) or per scene, not both")
+
+    @property
+    def interval(self) -> float | None:
+        """Seconds between sampled frames (None with scene sampling): what `events.text_events` needs."""
+        return 1 / self.fps if self.fps else None
+
 
 @dataclass
 class Summary:
@@ -142,6 +155,16 @@ class Analysis:
     trident_version: str
     wall_seconds: float = 0.0
     inputs: list[FileAnalysis] = field(default_factory=list)
+
+    @classmethod
+    def begin(cls, server: Server, options: Options) -> "Analysis":
+        """A new analysis without inputs, stamped with the current UTC time and this client's version."""
+        try:
+            version = importlib.metadata.version("trident")
+        except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+            version = "unknown"
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return cls(server=server, options=options, created=created, trident_version=version)
 
     @property
     def summary(self) -> Summary:
