@@ -105,9 +105,8 @@ def _file_section(n: int, f: FileAnalysis, stem: str, out_dir: Path) -> str:
 
 def _media_line(f: FileAnalysis) -> str:
     m = f.media
-    timing = "" if f.timings == Timings() else (f"decoding {f.timings.decode:.2f} s · "
-              + "".join(f"{escape(k)} {v:.2f} s · " for k, v in f.timings.models.items())
-              + f"wall {f.timings.wall:.2f} s")
+    spent = [("decoding", f.timings.decode), *f.timings.models.items(), ("wall", f.timings.wall)]
+    timing = "" if f.timings == Timings() else " · ".join(f"{escape(what)} {seconds:.2f} s" for what, seconds in spent)
     if m is None:
         return f"<p class=meta>{timing}</p>" if timing else ""
     facts = [_duration(m.duration) if m.duration is not None else None,
