@@ -8,12 +8,14 @@ the real ones do (documented formats); that Docker starts the container and the 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import socket
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -349,7 +351,7 @@ def engine_commands(weights: str, max_batch: int = 64, opt_batch: int = 16) -> l
         f"mkdir -p {yolov8}/trt_cache",
         f"docker compose run --rm --no-deps --user {os.getuid()}:{os.getgid()} -v {yolov8}:/engine triton "
         f"bash -c {shlex.quote(trtexec)}",
-        f"{python} - {yolov8} {max_batch} {opt_batch}",
+        f"{python} - {yolov8} {max_batch} {opt_batch} trident-triton:24.10",
         f"{python} -m export yolo --weights {weights} --size n --flavour tensorrt --kind gpu "
         f"--max-batch-size {max_batch} --repo model_repository",
     ]
@@ -523,21 +525,35 @@ def test_wait_healthy_stops_at_the_first_sign(tmp_path, states, seconds, code, m
 
 # --- the image's and the deploy host's requirements resolve (pip dry runs) ----------------------------------
 
-def resolved(requirements: Path, python: str, glibc_minor: int, *options: str) -> dict[str, str]:
+IMAGE_RESOLVE = "image"
+
+
+@functools.cache
+def resolves() -> dict[str, Future]:
+    """Every resolve of this section, started together at the first one asked for: each spends most of its minute
+    waiting on the package indexes, so four in parallel take about as long as one."""
+    jobs = {IMAGE_RESOLVE: (pip_resolve.IMAGE_REQUIREMENTS, pip_resolve.IMAGE_PYTHON, pip_resolve.IMAGE_GLIBC,
+                            "--only-binary=:all:", "-c", str(pip_resolve.IMAGE_LOCK))}
+    jobs.update({python: (pip_resolve.HOST_REQUIREMENTS, python, pip_resolve.HOST_GLIBC, "--only-binary=:all:")
+                 for python in pip_resolve.HOST_PYTHONS})
+    pool = ThreadPoolExecutor(max_workers=len(jobs))
+    return {key: pool.submit(pip_resolve.resolve, *job) for key, job in jobs.items()}
+
+
+def resolved(key: str) -> dict[str, str]:
     """pip's resolve on the configured indexes; skipped only when pip could not reach an index."""
     try:
-        return pip_resolve.versions(pip_resolve.resolve(requirements, python, glibc_minor, *options))
+        return pip_resolve.versions(resolves()[key].result())
     except pip_resolve.ResolveError as exc:
         if exc.network:
             print(f"package index unreachable: {exc}")
-            pytest.skip(f"package index unreachable: {requirements.name} not resolved")
+            pytest.skip(f"package index unreachable: resolve {key!r} not done")
         pytest.fail(str(exc))
 
 
 def test_image_requirements_resolve_for_python_310_to_exactly_the_lock():
     python, glibc = pip_resolve.IMAGE_PYTHON, pip_resolve.IMAGE_GLIBC
-    installed = resolved(pip_resolve.IMAGE_REQUIREMENTS, python, glibc, "--only-binary=:all:",
-                         "-c", str(pip_resolve.IMAGE_LOCK))
+    installed = resolved(IMAGE_RESOLVE)
     # Every package the image installs is locked, and every lock line is still used.
     assert installed == pip_resolve.lock_lines()
     assert installed["numpy"].startswith("1.")
@@ -550,7 +566,7 @@ def test_image_requirements_resolve_for_python_310_to_exactly_the_lock():
 @pytest.mark.parametrize("python", pip_resolve.HOST_PYTHONS)
 def test_host_requirements_resolve(python):
     """The deploy host's .venv-deploy: wheels for every package at glibc 2.28, for each supported Python."""
-    installed = resolved(pip_resolve.HOST_REQUIREMENTS, python, pip_resolve.HOST_GLIBC, "--only-binary=:all:")
+    installed = resolved(python)
     image = pip_resolve.lock_lines()
     assert {name: installed[name] for name in ("torch", "torchvision", "numpy", "easyocr")} == \
         {name: image[name] for name in ("torch", "torchvision", "numpy", "easyocr")}
