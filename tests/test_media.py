@@ -1,0 +1,244 @@
+"""The client's media layer (trident.media) on the generated test media; no server needed.
+
+Frames are checked against a plain decode of every frame; audio against the server's own decoder
+(`trident_serving.audio.decode_audio`) run on the original file.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.data import make_media
+from trident import media
+from trident_serving.audio import decode_audio
+
+CUT = make_media.SCENE_CUT
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("media")
+    make_media.build(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def reference_frames(media_dir) -> dict[int, str]:
+    """Frame number -> digest of its BGR pixels, from a plain sequential decode of every frame of video.mp4."""
+    with av.open(str(media_dir / "video.mp4")) as container:
+        stream = container.streams.video[0]
+        return {round(frame.time * make_media.FPS): _digest(frame.to_ndarray(format="bgr24"))
+                for frame in container.decode(stream)}
+
+
+@pytest.fixture
+def seeks(monkeypatch) -> list[float]:
+    """The times the sampler seeks to (the real seek runs; its calls are recorded)."""
+    made = []
+    seek = media._VideoReader._seek
+
+    def recording(reader, t):
+        made.append(t)
+        return seek(reader, t)
+
+    monkeypatch.setattr(media._VideoReader, "_seek", recording)
+    return made
+
+
+def _digest(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def test_probe(media_dir):
+    info = media.probe(media_dir / "video.mp4")
+    assert (info.kind, info.has_video, info.has_audio) == ("video", True, True)
+    assert (info.width, info.height, info.fps, info.frames) == (1280, 720, 25.0, 500)
+    assert (info.video_codec, info.audio_codec, info.sample_rate, info.channels) == ("h264", "aac", 48000, 2)
+    assert info.duration == pytest.approx(make_media.DURATION)
+    assert info.keyframe_interval == pytest.approx(make_media.KEYFRAME_INTERVAL / make_media.FPS)
+    assert info.rotation == 0 and info.size_bytes == (media_dir / "video.mp4").stat().st_size
+
+    rotated = media.probe(media_dir / "rotated.mp4")
+    assert (rotated.rotation, rotated.width, rotated.height) == (90, 720, 1280)
+    silent = media.probe(media_dir / "silent.mp4")
+    assert (silent.kind, silent.has_video, silent.has_audio, silent.audio_codec) == ("video", True, False, None)
+    audio = media.probe(media_dir / "speech.m4a")
+    assert (audio.kind, audio.has_video, audio.has_audio, audio.width) == ("audio", False, True, None)
+    assert media.probe(media_dir / "broadcast.ts").keyframe_interval is None  # MPEG-TS has no index
+    image = media.probe(make_media.ASSETS / "bus.jpg")
+    assert (image.kind, image.width, image.height, image.duration) == ("image", 810, 1080, None)
+
+
+@pytest.mark.parametrize("fps, seek", [(0.3, True), (1.0, True), (0.3, False)])
+def test_fps_sampling_gives_the_frame_shown_at_each_time(media_dir, reference_frames, seeks, fps, seek):
+    frames = list(media.sample_frames(media_dir / "video.mp4", fps=fps, seek=seek))
+    expected_times = [k / fps for k in range(int(np.ceil(make_media.DURATION * fps)))]
+    # a seek wherever a keyframe lies after the frame decoded last (the first after the previous sample) and
+    # at or before the next sample: 5 of 6 samples at 0.3 fps, 7 of 20 at 1 fps
+    keyframes = np.arange(0, make_media.DURATION, make_media.KEYFRAME_INTERVAL / make_media.FPS)
+    decoded_last = [(np.floor(t * make_media.FPS + 1e-9) + 1) / make_media.FPS for t in expected_times]
+    expected_seeks = [t for t, after in zip(expected_times[1:], decoded_last)
+                      if ((keyframes > after + 1e-9) & (keyframes <= t + 1e-9)).any()] if seek else []
+    assert [f.time for f in frames] == expected_times
+    assert [f.index for f in frames] == list(range(len(expected_times)))
+    for frame in frames:
+        shown = int(frame.time * make_media.FPS + 1e-9)  # the last frame whose time is <= t
+        assert frame.frame_time == pytest.approx(shown / make_media.FPS, abs=1e-9)
+        assert frame.image.shape == (720, 1280, 3) and frame.image.dtype == np.uint8
+        assert _digest(frame.image) == reference_frames[shown], f"frame at {frame.time:.3f} s"
+    assert seeks == expected_seeks and (seeks or not seek)
+
+
+def test_sampling_without_an_index_decodes_sequentially(media_dir, reference_frames, seeks):
+    # broadcast.ts holds video.mp4's H.264 stream copied: the same pictures, shown 0.01 s after the audio starts
+    frames = list(media.sample_frames(media_dir / "broadcast.ts", fps=1))
+    assert len(frames) == 20 and seeks == []
+    first = frames[0].frame_time
+    assert 0 < first < 0.04  # t=0 comes before the first frame: the first frame is shown
+    for frame in frames:
+        assert frame.frame_time <= max(frame.time, first) + 1e-9
+        assert _digest(frame.image) == reference_frames[round((frame.frame_time - first) * make_media.FPS)]
+
+
+@pytest.mark.parametrize("analysis_fps", [2.0, 0.75])
+def test_scene_change_is_found_within_one_analysed_frame(media_dir, reference_frames, analysis_fps):
+    scenes = list(media.sample_frames(media_dir / "video.mp4", scenes=True, analysis_fps=analysis_fps))
+    assert [s.index for s in scenes] == [0, 1]
+    assert scenes[0].time == 0.0
+    assert CUT <= scenes[1].frame_time <= scenes[1].time < CUT + 1 / analysis_fps
+    for scene in scenes:
+        assert _digest(scene.image) == reference_frames[round(scene.frame_time * make_media.FPS)]
+
+
+def test_scenes_from_keyframes_alone_where_keyframes_are_frequent(media_dir, monkeypatch):
+    decoded_keyframes_only = []
+    keyframes = media._VideoReader.keyframes
+
+    def recording(reader):
+        decoded_keyframes_only.append(reader.path.name)
+        return keyframes(reader)
+
+    monkeypatch.setattr(media._VideoReader, "keyframes", recording)
+    scenes = list(media.sample_frames(media_dir / "phone.mp4", scenes=True, analysis_fps=1.0))
+    assert [s.time for s in scenes] == [0.0, CUT]  # a keyframe a second; the cut falls on one
+    assert decoded_keyframes_only == ["phone.mp4"]
+    list(media.sample_frames(media_dir / "video.mp4", scenes=True, analysis_fps=1.0))
+    assert decoded_keyframes_only == ["phone.mp4"]  # keyframes 2.56 s apart are too few at 1 a second
+
+
+def test_rotated_video_frames_come_out_upright(media_dir):
+    turned = next(media.sample_frames(media_dir / "rotated.mp4", fps=1)).image
+    upright = next(media.sample_frames(media_dir / "video.mp4", fps=1)).image
+    assert np.array_equal(turned, np.rot90(upright))
+    # as the ffmpeg program shows it (it applies the display matrix)
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(media_dir / "rotated.mp4"), "-frames:v", "1",
+                          "-f", "rawvideo", "-pix_fmt", "bgr24", "-"], capture_output=True, check=True).stdout
+    shown = np.frombuffer(raw, np.uint8).reshape(1280, 720, 3)
+    assert np.abs(shown.astype(np.int16) - turned).mean() < 1.0
+
+
+@pytest.mark.parametrize("name, container", [("video.mp4", "mp4"), ("speech.m4a", "mp4"), ("camera.mov", "pcm")])
+def test_audio_sent_decodes_to_the_samples_of_the_original(media_dir, name, container):
+    track = media.extract_audio(media_dir / name)
+    assert (track.format, track.start) == (container, 0.0)
+    assert track.duration == pytest.approx(make_media.DURATION, abs=0.05)
+    sent = decode_audio(track.data) if isinstance(track.data, bytes) else track.data
+    original = decode_audio((media_dir / name).read_bytes())
+    assert sent.dtype == np.float32 and np.array_equal(sent, original)  # byte-exact
+    if container == "mp4":  # the compressed packets as they were: no bigger than the AAC-only file
+        assert len(track.data) < 1.01 * (media_dir / "speech.m4a").stat().st_size
+    else:
+        assert track.data.size == original.size
+
+
+def test_audio_of_a_container_the_server_refuses_is_remuxed(media_dir):
+    # the server does not demux MPEG-TS; its ADTS AAC packets go into MP4 (with the ADTS-to-MP4 bitstream filter)
+    track = media.extract_audio(media_dir / "broadcast.ts")
+    assert (track.format, track.codec) == ("mp4", "aac")
+    with av.open(str(media_dir / "broadcast.ts")) as container:  # decoded as the server decodes (checked above)
+        original = media._decode_pcm(container, container.streams.audio[0])
+    assert np.array_equal(decode_audio(track.data), original)
+
+
+def test_silent_video_and_audio_only_file(media_dir):
+    assert media.extract_audio(media_dir / "silent.mp4") is None
+    assert len(list(media.sample_frames(media_dir / "silent.mp4", fps=1))) == 20
+    assert list(media.sample_frames(media_dir / "speech.m4a", fps=1)) == []
+    assert list(media.sample_frames(media_dir / "speech.m4a", scenes=True)) == []
+
+
+def test_image_is_one_frame_at_time_zero(tmp_path):
+    for path in (make_media.ASSETS / "bus.jpg", _rotated_jpeg(tmp_path)):
+        frames = list(media.sample_frames(path, fps=5))
+        assert [(f.index, f.time, f.frame_time) for f in frames] == [(0, 0.0, 0.0)]
+        assert np.array_equal(frames[0].image, cv2.imread(str(path)))  # EXIF orientation applied, as OpenCV
+        assert list(media.sample_frames(path, scenes=True))[0].image.shape == frames[0].image.shape
+        assert media.extract_audio(path) is None
+
+
+def _rotated_jpeg(directory: Path) -> Path:
+    path = directory / "portrait.jpg"
+    with Image.open(make_media.ASSETS / "zidane.jpg") as image:
+        exif = image.getexif()
+        exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+        image.save(path, exif=exif)
+    assert media.probe(path).width == 720
+    return path
+
+
+def test_folder_expands_to_its_media_files_sorted(media_dir, tmp_path):
+    shutil.copy(media_dir / "silent.mp4", tmp_path / "b.mp4")
+    shutil.copy(make_media.ASSETS / "bus.jpg", tmp_path / "a.JPG")
+    (tmp_path / "notes.txt").write_text("not media")
+    (tmp_path / "sub").mkdir()
+    shutil.copy(media_dir / "speech.m4a", tmp_path / "sub" / "c.m4a")
+    (tmp_path / ".thumbnails").mkdir()
+    shutil.copy(make_media.ASSETS / "bus.jpg", tmp_path / ".thumbnails" / "x.jpg")
+    found, skipped = media.expand([tmp_path, tmp_path / "b.mp4", tmp_path / "missing.mp4"])
+    assert found == [tmp_path / "a.JPG", tmp_path / "b.mp4", tmp_path / "sub" / "c.m4a"]
+    assert [(path.name, reason.split(" (")[0]) for path, reason in skipped] == [
+        ("notes.txt", "not a media file"), ("missing.mp4", "does not exist")]
+
+
+def test_truncated_video_raises_a_media_error_naming_it(media_dir):
+    path = media_dir / "truncated.mp4"
+    assert media.probe(path).duration == pytest.approx(20.0)  # the header survives; the content does not
+    for read in (lambda: list(media.sample_frames(path, fps=1)),
+                 lambda: list(media.sample_frames(path, fps=1, seek=False)),
+                 lambda: list(media.sample_frames(path, scenes=True)),
+                 lambda: media.extract_audio(path)):
+        with pytest.raises(media.MediaError, match=r"truncated\.mp4: is truncated or corrupt: its header says the "
+                                                   r"(video|audio) lasts 20\.00 s, but only 1\d\.\d\d s"):
+            read()
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("garbage.mp4", bytes(range(256)) * 40, "cannot be read as audio or video"),
+    ("text.mkv", b"hello world\n", "cannot be read as audio or video"),
+    ("empty.mp4", b"", "is empty"),
+    ("cut.jpg", None, "is a corrupt or truncated image"),
+    ("notes.txt", b"text", "is not a media file"),
+])
+def test_corrupt_or_unknown_file_raises_a_media_error_naming_it(tmp_path, name, content, problem):
+    path = tmp_path / name
+    path.write_bytes(content if content is not None else (make_media.ASSETS / "bus.jpg").read_bytes()[:30000])
+    with pytest.raises(media.MediaError, match=problem) as raised:
+        list(media.sample_frames(path, fps=1))
+    assert str(raised.value).startswith(f"{path}: ") and raised.value.path == path
+    if name != "cut.jpg":  # the cut image's header is whole, and probing reads no more
+        with pytest.raises(media.MediaError, match=problem):
+            media.probe(path)
+
+
+def test_bad_arguments():
+    for kwargs in ({}, {"fps": 1, "scenes": True}, {"fps": 0}, {"fps": float("nan")}):
+        with pytest.raises(ValueError, match="fps"):
+            list(media.sample_frames("any.mp4", **kwargs))
