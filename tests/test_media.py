@@ -77,34 +77,39 @@ def test_probe(media_dir):
     assert (image.kind, image.width, image.height, image.duration) == ("image", 810, 1080, None)
 
 
-@pytest.mark.parametrize("fps, seek", [(0.3, True), (1.0, True), (0.3, False)])
-def test_fps_sampling_gives_the_frame_shown_at_each_time(media_dir, reference_frames, seeks, fps, seek):
-    frames = list(media.sample_frames(media_dir / "video.mp4", fps=fps, seek=seek))
-    expected_times = [k / fps for k in range(int(np.ceil(make_media.DURATION * fps)))]
-    # a seek wherever a keyframe lies after the frame decoded last (the first after the previous sample) and
-    # at or before the next sample: 5 of 6 samples at 0.3 fps, 7 of 20 at 1 fps
-    keyframes = np.arange(0, make_media.DURATION, make_media.KEYFRAME_INTERVAL / make_media.FPS)
-    decoded_last = [(np.floor(t * make_media.FPS + 1e-9) + 1) / make_media.FPS for t in expected_times]
-    expected_seeks = [t for t, after in zip(expected_times[1:], decoded_last)
-                      if ((keyframes > after + 1e-9) & (keyframes <= t + 1e-9)).any()] if seek else []
+@pytest.mark.parametrize("name, fps, seek", [
+    ("video.mp4", 0.3, True), ("video.mp4", 1.0, True), ("video.mp4", 0.3, False), ("video.mkv", 0.3, True),
+])
+def test_fps_sampling_gives_the_frame_shown_at_each_time(media_dir, reference_frames, seeks, name, fps, seek):
+    frames = list(media.sample_frames(media_dir / name, fps=fps, seek=seek))
+    first = frames[0].frame_time  # 0 in MP4; 0.021 s in MKV (shifted so that the AAC priming starts at 0)
+    expected_times = [k / fps for k in range(int(np.ceil((first + make_media.DURATION) * fps - 1e-9)))]
     assert [f.time for f in frames] == expected_times
     assert [f.index for f in frames] == list(range(len(expected_times)))
-    for frame in frames:
-        shown = int(frame.time * make_media.FPS + 1e-9)  # the last frame whose time is <= t
-        assert frame.frame_time == pytest.approx(shown / make_media.FPS, abs=1e-9)
+    shown = [max(0, int((t - first) * make_media.FPS + 1e-9)) for t in expected_times]  # last frame at or before t
+    for frame, number in zip(frames, shown):
+        assert frame.frame_time == pytest.approx(first + number / make_media.FPS, abs=1e-9)
         assert frame.image.shape == (720, 1280, 3) and frame.image.dtype == np.uint8
-        assert _digest(frame.image) == reference_frames[shown], f"frame at {frame.time:.3f} s"
+        assert _digest(frame.image) == reference_frames[number], f"frame at {frame.time:.3f} s"
+    # a seek wherever a keyframe lies after the frame decoded last (the one after the previous sample's) and at
+    # or before the next sample: 5 of 6 samples at 0.3 fps, 7 of 20 at 1 fps
+    keyframes = first + np.arange(0, make_media.DURATION, make_media.KEYFRAME_INTERVAL / make_media.FPS)
+    decoded_last = [first + (number + 1) / make_media.FPS for number in shown]
+    expected_seeks = [t for t, after in zip(expected_times[1:], decoded_last)
+                      if ((keyframes > after + 1e-9) & (keyframes <= t + 1e-9)).any()] if seek else []
     assert seeks == expected_seeks and (seeks or not seek)
 
 
-def test_sampling_without_an_index_decodes_sequentially(media_dir, reference_frames, seeks):
-    # broadcast.ts holds video.mp4's H.264 stream copied: the same pictures, shown 0.01 s after the audio starts
-    frames = list(media.sample_frames(media_dir / "broadcast.ts", fps=1))
-    assert len(frames) == 20 and seeks == []
+@pytest.mark.parametrize("name", ["broadcast.ts", "video.avi"])
+def test_sampling_without_an_index_or_timestamps_decodes_sequentially(media_dir, reference_frames, seeks, name):
+    # both hold video.mp4's H.264 stream copied. MPEG-TS has no index, and shows the pictures 0.01 s after the
+    # audio starts; AVI has no presentation times (FFmpeg's guesses are out of order with B-frames)
+    frames = list(media.sample_frames(media_dir / name, fps=1))
     first = frames[0].frame_time
-    assert 0 < first < 0.04  # t=0 comes before the first frame: the first frame is shown
+    assert 0 <= first < 0.04 and seeks == []
+    assert [f.time for f in frames] == list(range(21 if first else 20))  # the video ends at first + 20 s
     for frame in frames:
-        assert frame.frame_time <= max(frame.time, first) + 1e-9
+        assert max(frame.time, first) - 0.04 < frame.frame_time <= max(frame.time, first) + 1e-9
         assert _digest(frame.image) == reference_frames[round((frame.frame_time - first) * make_media.FPS)]
 
 
@@ -127,7 +132,7 @@ def test_scenes_from_keyframes_alone_where_keyframes_are_frequent(media_dir, mon
         return keyframes(reader)
 
     monkeypatch.setattr(media._VideoReader, "keyframes", recording)
-    scenes = list(media.sample_frames(media_dir / "phone.mp4", scenes=True, analysis_fps=1.0))
+    scenes = list(media.sample_frames(media_dir / "phone.mp4", scenes=True))  # 1 analysed frame a second
     assert [s.time for s in scenes] == [0.0, CUT]  # a keyframe a second; the cut falls on one
     assert decoded_keyframes_only == ["phone.mp4"]
     list(media.sample_frames(media_dir / "video.mp4", scenes=True, analysis_fps=1.0))

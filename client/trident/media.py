@@ -7,9 +7,9 @@ of its streams, as the ffmpeg program counts): frame times and the audio track's
 
 Decoding does only what the request needs. Frames are decoded but not converted (no colour conversion, no
 copy) unless they are returned or analysed; the decoder runs frame and slice threads. Where the container has a
-seek index (MP4/MOV, MKV/WebM with cues, AVI), the sampler seeks past every keyframe the decoder would otherwise
-reach only by decoding frames nobody asked for; without an index (MPEG-TS, a stream cut anywhere) it decodes
-sequentially. Bad files raise `MediaError` naming the file, never a PyAV traceback.
+seek index (MP4/MOV, MKV/WebM with cues), the sampler seeks past every keyframe the decoder would otherwise
+reach only by decoding frames nobody asked for; without one (MPEG-TS) it decodes sequentially, and so it does
+AVI, whose frames it counts. Bad files raise `MediaError` naming the file, never a PyAV traceback.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ SAMPLE_RATE = 16000  # whisper's
 # server's rule for audio (trident_serving.audio), applied here to the video and the audio the client reads.
 TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRACTION = 0.25, 0.02
 # Scene detection (see `sample_frames`)
-SCENE_ANALYSIS_FPS = 2.0
+SCENE_ANALYSIS_FPS = 1.0
 SCENE_THRESHOLD = 30.0
 MIN_SCENE_S = 1.0
 THUMBNAIL_SIZE = (64, 36)
@@ -124,7 +124,7 @@ def expand(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[P
     """The media files among `paths`, folders expanded to the media files anywhere below them (sorted, hidden
     entries skipped), in the order given; and the paths skipped, each with why (not a media file by its
     extension, or missing). Nothing here is fatal: the caller reports the skipped ones."""
-    found: list[Path] = []
+    found: dict[Path, None] = {}  # ordered, and found once however often named
     skipped: list[tuple[Path, str]] = []
     for given in map(Path, paths):
         if given.is_dir():
@@ -139,9 +139,9 @@ def expand(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[P
         for path in candidates:
             if media_kind(path) is None:
                 skipped.append((path, f"not a media file (known: {_known_extensions()})"))
-            elif path not in found:
-                found.append(path)
-    return found, skipped
+            else:
+                found.setdefault(path)
+    return list(found), skipped
 
 
 def probe(path: str | os.PathLike) -> MediaInfo:
@@ -172,7 +172,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             width, height = (video.height, video.width) if reader.rotation in (90, 270) else (video.width,
                                                                                                video.height)
             gaps = np.diff(reader.keyframe_times)
-            rate = video.average_rate or video.guessed_rate
+            rate = video.guessed_rate or video.average_rate
             info.update(width=width, height=height, fps=float(rate) if rate else None, frames=video.frames or None,
                         video_codec=video.codec_context.name, rotation=reader.rotation,
                         keyframe_interval=round(float(gaps.max()), 6) if gaps.size else None)
@@ -195,16 +195,21 @@ def extract_audio(path: str | os.PathLike) -> AudioTrack | None:
         stream = _audio_stream(container)
         if stream is None:
             return None
-        origin = _origin(container)
-        codec = stream.codec_context.name
-        start = float(stream.start_time * stream.time_base) - origin if stream.start_time is not None else 0.0
-        start = round(start, 6) + 0.0  # no float noise, no -0.0
-        declared = _stream_duration(container, stream)
+        codec, declared = stream.codec_context.name, _stream_duration(container, stream)
+        start = 0.0
+        if stream.start_time is not None:
+            start = round(float(stream.start_time * stream.time_base) - _origin(container), 6) + 0.0  # not -0.0
         target = REMUX_FORMATS.get(codec)
         if target is not None:
-            data, duration = _remux(container, stream, target)
-        else:
-            data = _decode_pcm(container, stream)
+            try:
+                data, duration = _remux(container, stream, target)
+            except (av.error.FFmpegError, ValueError):
+                # the muxer refused this stream's parameters, or the input is damaged: decode instead (from the
+                # start, in a fresh container), where damage is reported
+                target = None
+    if target is None:
+        with _open(path) as container, _reading(path):
+            data = _decode_pcm(container, _audio_stream(container))
             duration = data.size / SAMPLE_RATE
     _check_length(path, "audio", duration, declared)
     return AudioTrack(data, target or "pcm", codec, start, duration)
@@ -219,17 +224,18 @@ def sample_frames(path: str | os.PathLike, fps: float | None = None, *, scenes: 
     whose timestamp is <= t (the first frame where none is that early). A frame may be yielded for several t
     when F is above the video's rate.
 
-    With `scenes=True`, one frame per scene. The video is analysed at `analysis_fps` (frames sampled as above):
-    each analysed frame is shrunk to a 64x36 grey thumbnail, and a scene starts at the first frame whose
-    thumbnail's mean absolute difference from the previous analysed frame's is at least `threshold` (0-255
-    grey levels), provided the scene so far has lasted `min_scene` seconds. The first frame of each scene is
-    yielded, so a cut is found within one analysis interval after it. Why: the thumbnail averages away
-    compression noise and small motion; a hard cut changes most of the picture (about 50 levels between the
-    test video's scenes) where a pan at up to 20 pixels per second changes it by less than 20 over a second;
-    a reduced rate costs less, and unlike frame-to-frame differences it still sees a dissolve, spread over
-    many frames; the minimum length stops a flash or a burst of fast motion from making a scene of every
-    frame. Where the index shows keyframes more often than `analysis_fps` but not at every frame (typical of
-    phone video: one a second), only keyframes are decoded (`skip_frame="NONKEY"`) and analysed.
+    With `scenes=True`, one frame per scene. The video is analysed at `analysis_fps` (frames sampled as above,
+    1 a second by default): each analysed frame is shrunk to a 64x36 grey thumbnail, and a scene starts at the
+    first analysed frame whose thumbnail differs from the previous one's by a mean absolute difference of at
+    least `threshold` (grey levels, 0-255), provided the scene so far has lasted `min_scene` seconds. The first
+    analysed frame of each scene is yielded (the first at t=0), so a cut is found at most one analysis
+    interval after it. Why: the thumbnail averages away compression noise and small motion; a hard cut changes
+    most of the picture (by 53 levels at the test video's cut) where motion within a scene changes less (19 at
+    most over a second of its 20 pixel/s pan; 13 over half a second); a reduced rate costs less decoding, and
+    unlike frame-to-frame differences it still sees a dissolve spread over many frames; the minimum length
+    stops a flash or a burst of fast motion from making a scene of every frame. Where the index shows a
+    keyframe at least every 1/`analysis_fps` seconds but not at every frame (phone video: one a second), only
+    keyframes are decoded (`skip_frame="NONKEY"`) and analysed: the cheapest frames that are frequent enough.
 
     `seek=False` decodes sequentially even where seeking would skip work (the frames are the same).
     """
@@ -275,13 +281,16 @@ class _VideoReader:
         stream.thread_type = "AUTO"  # frame and slice threads
         self.time_base: Fraction = stream.time_base
         self.origin = _origin(container)
-        rate = stream.average_rate or stream.guessed_rate
+        rate = stream.guessed_rate or stream.average_rate  # the base rate: AVI's average can be twice it
         self.frame_duration = float(1 / rate) if rate else 0.0
         self.duration = _stream_duration(container, stream)
         self.rotation = 0
         self._latest_end = -math.inf  # the end of the latest frame decoded, for the truncation check
-        # an empty index (MPEG-TS) or seek=False: sequential decoding
-        self.keyframe_times = self._indexed_keyframe_times() if seek else []
+        # AVI stores no presentation times (frame n is shown n frame durations in) and FFmpeg's guesses come out
+        # of order with B-frames: its frames are counted instead, decoding sequentially.
+        self._ticks_per_frame = round(1 / (rate * self.time_base)) if container.format.name == "avi" and rate else 0
+        # an empty index (MPEG-TS), a counted stream or seek=False: sequential decoding
+        self.keyframe_times = self._indexed_keyframe_times() if seek and not self._ticks_per_frame else []
 
     def time(self, frame: av.VideoFrame) -> float:
         if frame.pts is None:
@@ -300,8 +309,9 @@ class _VideoReader:
 
     def sample_times(self, fps: float) -> Iterator[float]:
         """k / fps for k = 0, 1, ... before the video's end (until the last frame where the end is unknown)."""
+        end = self._first_time() + self.duration if self.duration is not None else math.inf
         k = 0
-        while self.duration is None or k / fps < self.duration - EPSILON_S:
+        while k / fps < end - EPSILON_S:
             yield k / fps
             k += 1
 
@@ -337,8 +347,9 @@ class _VideoReader:
         for frame in self._frames():
             last = self.time(frame)
             yield last, frame
-        # the last keyframe of the index must have decoded
-        _check_length(self.path, "video", last - self._first_time(), self.keyframe_times[-1] - self._first_time())
+        if last < self.keyframe_times[-1] - EPSILON_S:
+            raise MediaError(self.path, f"is truncated or corrupt: its index lists a keyframe at "
+                                        f"{self.keyframe_times[-1]:.2f} s, but decoding ends at {max(last, 0):.2f} s")
 
     def keyframes_suffice(self, analysis_fps: float) -> bool:
         """Whether keyframes alone come at least `analysis_fps` times a second, without being every frame
@@ -349,19 +360,26 @@ class _VideoReader:
         return gaps.max() <= 1 / analysis_fps + EPSILON_S and gaps.mean() > 1.5 * self.frame_duration
 
     def _indexed_keyframe_times(self) -> list[float]:
-        """When each keyframe the container's index lists is shown. MP4's index holds decode timestamps, which
-        run ahead of the shown ones by the B-frame delay: the first packet's pts - dts is added to them (an index
-        of shown times, as in MKV, has packets whose dts is their pts or unset: nothing is added)."""
-        keys = [entry.timestamp for entry in self.stream.index_entries if entry.is_keyframe]
-        if not keys:
+        """When each keyframe the container's index lists is shown. MKV reads its index (cues, at the end of the
+        file) at the first seek: one is made first. MP4's index holds decode timestamps, which run ahead of the
+        shown ones by the B-frame delay: the first packet's pts - dts is added to them (in MKV, whose index holds
+        shown times, a packet's dts is unset or its pts: nothing is added)."""
+        if not len(self.stream.index_entries):  # MPEG-TS: no index
             return []
+        self._rewind()
+        keys = [entry.timestamp for entry in self.stream.index_entries if entry.is_keyframe]
         first = next(self.container.demux(self.stream), None)
         delay = first.pts - first.dts if first is not None and None not in (first.pts, first.dts) else 0
-        self.container.seek(keys[0], stream=self.stream, backward=True)  # back to the start
+        self._rewind()
         return [self._seconds(key + delay) for key in keys]
 
+    def _rewind(self) -> None:
+        self.container.seek(self.stream.start_time or 0, stream=self.stream, backward=True)
+
     def _frames(self) -> Iterator[av.VideoFrame]:
-        for frame in self.container.decode(self.stream):
+        for count, frame in enumerate(self.container.decode(self.stream)):
+            if self._ticks_per_frame:
+                frame.pts = (self.stream.start_time or 0) + count * self._ticks_per_frame
             if not self.rotation and frame.rotation:
                 self.rotation = round(frame.rotation / 90) % 4 * 90
             self._latest_end = max(self._latest_end, self.time(frame) + self.frame_duration)
@@ -378,7 +396,7 @@ class _VideoReader:
             if first is None or self.time(first) <= t + EPSILON_S:
                 return _chain(first, decoded)
             target = min(target, first.pts) - 1
-        self.container.seek(self._pts(self._first_time()), stream=self.stream, backward=True)
+        self._rewind()
         return self._frames()
 
     def _keyframe_before(self, t: float) -> float:
@@ -424,20 +442,26 @@ def _remux(container: av.container.InputContainer, stream: av.audio.AudioStream,
 
 
 def _decode_pcm(container: av.container.InputContainer, stream: av.audio.AudioStream) -> np.ndarray:
-    """16 kHz mono float32, as the server's `decode_audio` makes it (and the same way: whisper's ffmpeg
-    command resamples to s16, so do we; a new resampler wherever the source's format changes)."""
+    """16 kHz mono float32, as the server's `decode_audio` makes it, the same way: whisper's ffmpeg command
+    resamples to s16, so do we; a new resampler wherever the source's format changes; a packet that fails to
+    decode is skipped, as the ffmpeg program skips it."""
     chunks, resampler, source = [], None, None
 
     def resample(frame: av.AudioFrame | None) -> None:  # None flushes the resampler's filter delay
         chunks.extend(resampled.to_ndarray().reshape(-1) for resampled in resampler.resample(frame))
 
-    for frame in container.decode(stream):
-        if (frame.format.name, frame.layout.name, frame.sample_rate) != source:
-            if resampler is not None:
-                resample(None)
-            resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-            source = (frame.format.name, frame.layout.name, frame.sample_rate)
-        resample(frame)
+    for packet in container.demux(stream):  # the last, empty packet flushes the decoder
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            continue
+        for frame in frames:
+            if (frame.format.name, frame.layout.name, frame.sample_rate) != source:
+                if resampler is not None:
+                    resample(None)
+                resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+                source = (frame.format.name, frame.layout.name, frame.sample_rate)
+            resample(frame)
     if resampler is not None:
         resample(None)
     if not chunks:

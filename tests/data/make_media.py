@@ -18,6 +18,7 @@ espeak-ng version: no random input, bit-exact flags, and x264's frame threading 
   samples 1 s or more apart often lie in a later GOP, so the seeking path is exercised. B-frames (pts != dts).
 Derived from it:
 * `speech.m4a`: the audio track alone (stream copy); `silent.mp4`: the video track alone;
+* `video.mkv` (an index of keyframe cues read at the first seek), `video.avi` (no presentation times): copies;
 * `broadcast.ts`: MPEG-TS, a container without a seek index, with ADTS-framed AAC;
 * `camera.mov`: big-endian PCM audio, as QuickTime cameras write (decoded by the client, not remuxed);
 * `phone.mp4`: 640x360, no audio, a keyframe every second as phones write: keyframes alone find the scenes at
@@ -61,6 +62,8 @@ SAMPLE_RATE = 22050  # espeak-ng's output rate
 DERIVED = {
     "speech.m4a": ["-map", "0:a", "-c", "copy", "-movflags", "+faststart"],
     "silent.mp4": ["-map", "0:v", "-c", "copy", "-movflags", "+faststart"],
+    "video.mkv": ["-c", "copy"],
+    "video.avi": ["-c", "copy"],
     "broadcast.ts": ["-c", "copy"],
     "camera.mov": ["-c:v", "copy", "-c:a", "pcm_s16be"],
     "phone.mp4": ["-an", "-vf", "scale=640:360", "-c:v", "libx264", "-preset", "veryfast", "-threads", "2",
