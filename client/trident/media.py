@@ -35,11 +35,14 @@ IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .webp .bmp".split())
 # playlists (HLS, ffconcat) that would open other files or URLs named inside a file that only looks like a video.
 DEMUXERS = "mov,matroska,avi,mpegts,flv,asf,mpeg,ogg,wav,mp3,flac,aac"
 # Compressed audio codec -> a container the server's `decode_audio` demuxes (WAV, FLAC, MP3, OGG, MP4) that
-# holds it as it is. Uncompressed PCM is not remuxed: 16 kHz mono float32 is smaller than the usual 48 kHz
-# stereo PCM, and any other codec would need a container the server refuses.
+# holds it as it is. Any other codec would need a container the server refuses: it is decoded to PCM.
 REMUX_FORMATS = {"aac": "mp4", "alac": "mp4", "mp2": "mp4", "ac3": "mp4", "eac3": "mp4", "mp3": "mp3",
                  "flac": "flac", "opus": "ogg", "vorbis": "ogg"}
+# Uncompressed audio goes as WAV where that is smaller than the decoded alternative, 16 kHz mono float32
+# (512 kbit/s): dictation and telephone recordings. 48 kHz stereo camera audio (1536 kbit/s) is sent decoded.
+WAV_CODECS = frozenset("pcm_s16le pcm_s24le pcm_s32le pcm_f32le pcm_u8 pcm_mulaw pcm_alaw".split())
 SAMPLE_RATE = 16000  # whisper's
+PCM_BIT_RATE = SAMPLE_RATE * 32
 # A stream whose decodable content falls short of its header's duration by more than this is truncated; the
 # server's rule for audio (trident_serving.audio), applied here to the video and the audio the client reads.
 TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRACTION = 0.25, 0.02
@@ -164,7 +167,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
                     duration=_container_duration(container), has_video=video is not None,
                     has_audio=audio is not None, kind="video" if video is not None else "audio")
         if audio is not None:
-            info.update(audio_codec=audio.codec_context.name, sample_rate=audio.codec_context.sample_rate,
+            info.update(audio_codec=audio.codec.canonical_name, sample_rate=audio.codec_context.sample_rate,
                         channels=audio.codec_context.channels)
         if video is not None:
             reader = _VideoReader(path, container, video, seek=True)
@@ -174,7 +177,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             gaps = np.diff(reader.keyframe_times)
             rate = video.guessed_rate or video.average_rate
             info.update(width=width, height=height, fps=float(rate) if rate else None, frames=video.frames or None,
-                        video_codec=video.codec_context.name, rotation=reader.rotation,
+                        video_codec=video.codec.canonical_name, rotation=reader.rotation,
                         keyframe_interval=round(float(gaps.max()), 6) if gaps.size else None)
         return MediaInfo(**info)
 
@@ -183,9 +186,10 @@ def extract_audio(path: str | os.PathLike) -> AudioTrack | None:
     """The audio track for `whisper`, or None where there is none (an image, a silent video).
 
     A compressed track is remuxed in memory, packets untouched, into a container the server decodes
-    (`REMUX_FORMATS`): the server's `decode_audio` then yields exactly the samples it would from the original
-    file. Otherwise (PCM, or a codec no such container holds) the track is decoded here to 16 kHz mono float32
-    as the server decodes (s16 samples from libswresample's defaults, divided by 32768), so again the same.
+    (`REMUX_FORMATS`; PCM into WAV where that is smaller): the server's `decode_audio` then yields exactly the
+    samples it would from the original file. Otherwise (a codec no such container holds, PCM at rates above
+    16 kHz mono float32's) the track is decoded here to 16 kHz mono float32 as the server decodes (s16 samples
+    from libswresample's defaults, divided by 32768), so again the same.
     Of several tracks, FFmpeg's "best" one is taken, as the ffmpeg program would.
     """
     path = Path(path)
@@ -195,11 +199,13 @@ def extract_audio(path: str | os.PathLike) -> AudioTrack | None:
         stream = _audio_stream(container)
         if stream is None:
             return None
-        codec, declared = stream.codec_context.name, _stream_duration(container, stream)
+        codec, declared = stream.codec.canonical_name, _stream_duration(container, stream)
         start = 0.0
         if stream.start_time is not None:
             start = round(float(stream.start_time * stream.time_base) - _origin(container), 6) + 0.0  # not -0.0
         target = REMUX_FORMATS.get(codec)
+        if codec in WAV_CODECS and 0 < (stream.codec_context.bit_rate or PCM_BIT_RATE) < PCM_BIT_RATE:
+            target = "wav"
         if target is not None:
             try:
                 data, duration = _remux(container, stream, target)
