@@ -92,12 +92,13 @@ def test_fps_sampling_gives_the_frame_shown_at_each_time(media_dir, reference_fr
         assert frame.frame_time == pytest.approx(first + number / make_media.FPS, abs=1e-9)
         assert frame.image.shape == (720, 1280, 3) and frame.image.dtype == np.uint8
         assert _digest(frame.image) == reference_frames[number], f"frame at {frame.time:.3f} s"
-    # a seek wherever a keyframe lies after the frame decoded last (the one after the previous sample's) and at
-    # or before the next sample: 5 of 6 samples at 0.3 fps, 7 of 20 at 1 fps
+    # a seek wherever a keyframe lies at or before the next sample and over SEEK_MIN_SKIP_S after the frame
+    # decoded last (the one after the previous sample's): 5 of 6 samples at 0.3 fps, 4 of 20 at 1 fps
     keyframes = first + np.arange(0, make_media.DURATION, make_media.KEYFRAME_INTERVAL / make_media.FPS)
     decoded_last = [first + (number + 1) / make_media.FPS for number in shown]
     expected_seeks = [t for t, after in zip(expected_times[1:], decoded_last)
-                      if ((keyframes > after + 1e-9) & (keyframes <= t + 1e-9)).any()] if seek else []
+                      if ((keyframes > after + media.SEEK_MIN_SKIP_S) & (keyframes <= t + 1e-9)).any()]
+    expected_seeks = expected_seeks if seek else []
     assert seeks == expected_seeks and (seeks or not seek)
 
 
@@ -239,7 +240,7 @@ def test_truncated_video_raises_a_media_error_naming_it(media_dir):
     ("empty.mp4", b"", "is empty"),
     ("cut.jpg", None, "is a corrupt or truncated image"),
     ("notes.txt", b"text", "is not a media file"),
-])
+], ids=["garbage", "text", "empty", "cut-jpeg", "unknown-extension"])
 def test_corrupt_or_unknown_file_raises_a_media_error_naming_it(tmp_path, name, content, problem):
     path = tmp_path / name
     path.write_bytes(content if content is not None else (make_media.ASSETS / "bus.jpg").read_bytes()[:30000])
