@@ -202,7 +202,7 @@ def extract_audio(path: str | os.PathLike) -> AudioTrack | None:
         stream = _audio_stream(container)
         if stream is None:
             return None
-        codec, declared = stream.codec.canonical_name, _stream_duration(container, stream)
+        codec, declared = stream.codec.canonical_name, _declared_duration(stream)
         start = 0.0
         if stream.start_time is not None:
             start = round(float(stream.start_time * stream.time_base) - _origin(container), 6) + 0.0  # not -0.0
@@ -292,7 +292,10 @@ class _VideoReader:
         self.origin = _origin(container)
         rate = stream.guessed_rate or stream.average_rate  # the base rate: AVI's average can be twice it
         self.frame_duration = float(1 / rate) if rate else 0.0
-        self.duration = _stream_duration(container, stream)
+        # what the stream's header says it lasts (for the truncation check; MKV says it of the whole file only,
+        # where a longer audio track must not make the video look truncated), and when the video ends
+        self.declared = _declared_duration(stream)
+        self.end = self._first_time() + self.declared if self.declared else _container_duration(container)
         self.rotation = 0
         self._latest_end = -math.inf  # the end of the latest frame decoded, for the truncation check
         # AVI stores no presentation times (frame n is shown n frame durations in) and FFmpeg's guesses come out
@@ -318,7 +321,7 @@ class _VideoReader:
 
     def sample_times(self, fps: float) -> Iterator[float]:
         """k / fps for k = 0, 1, ... before the video's end (until the last frame where the end is unknown)."""
-        end = self._first_time() + self.duration if self.duration is not None else math.inf
+        end = self.end if self.end is not None else math.inf
         k = 0
         while k / fps < end - EPSILON_S:
             yield k / fps
@@ -345,7 +348,7 @@ class _VideoReader:
                 self._check_complete()
                 if shown is None:
                     raise MediaError(self.path, f"no video frame decodes at {t:.3f} s")
-                if self.duration is None and t > self.time(shown) + self.frame_duration:
+                if self.end is None and t > self.time(shown) + self.frame_duration:
                     return  # the end of a stream of unknown length
             yield t, shown if shown is not None else ahead
 
@@ -363,9 +366,9 @@ class _VideoReader:
     def keyframes_suffice(self, analysis_fps: float) -> bool:
         """Whether keyframes alone come at least `analysis_fps` times a second, without being every frame
         (then decoding them is no saving, and seeking to sampled keyframes decodes fewer)."""
-        if len(self.keyframe_times) < 2 or self.duration is None:
+        if len(self.keyframe_times) < 2 or self.end is None:
             return False
-        gaps = np.diff([*self.keyframe_times, self.duration])
+        gaps = np.diff([*self.keyframe_times, self.end])
         return gaps.max() <= 1 / analysis_fps + EPSILON_S and gaps.mean() > 1.5 * self.frame_duration
 
     def _indexed_keyframe_times(self) -> list[float]:
@@ -417,7 +420,7 @@ class _VideoReader:
         return self._seconds(start) if start is not None else 0.0
 
     def _check_complete(self) -> None:
-        _check_length(self.path, "video", self._latest_end - self._first_time(), self.duration)
+        _check_length(self.path, "video", self._latest_end - self._first_time(), self.declared)
 
     def _seconds(self, pts: int) -> float:
         return float(pts * self.time_base) - self.origin
@@ -561,8 +564,6 @@ def _container_duration(container: av.container.InputContainer) -> float | None:
     return container.duration / av.time_base if container.duration else None
 
 
-def _stream_duration(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
-    """What the header says the stream lasts (the container's duration where the stream states none)."""
-    if stream.duration:
-        return float(stream.duration * stream.time_base)
-    return _container_duration(container)
+def _declared_duration(stream: av.stream.Stream) -> float | None:
+    """What the header says the stream lasts, where it says it."""
+    return float(stream.duration * stream.time_base) if stream.duration else None
