@@ -436,21 +436,42 @@ def _chain(first, rest: Iterator) -> Iterator:
 
 
 def _remux(container: av.container.InputContainer, stream: av.audio.AudioStream, fmt: str) -> tuple[bytes, float]:
-    """The stream's packets in a new `fmt` container in memory, and the time they span."""
+    """The stream's packets in a new `fmt` container in memory, and the seconds they span."""
     buffer = io.BytesIO()
-    first = end = None
+    first, end = math.inf, -math.inf
     with av.open(buffer, "w", format=fmt) as output:
         copy = output.add_stream_from_template(stream)
         for packet in container.demux(stream):
             if packet.dts is None:  # the demuxer's final, empty packet
                 continue
-            pts = packet.pts if packet.pts is not None else packet.dts
-            first = pts if first is None else min(first, pts)
-            end = pts + packet.duration if end is None else max(end, pts + packet.duration)
+            # Matroska's DiscardPadding (Opus) drops samples at the end yet leaves the last block's duration
+            # whole; Ogg and MP4 say it with a shorter last packet (as Ogg's demuxer already gives it)
+            trim = _padding_at_end(packet) if container.format.name.startswith("matroska") else 0
+            if trim:
+                _in_samples(packet, stream.codec_context.sample_rate)
+                packet.duration -= trim
+            start = float((packet.pts if packet.pts is not None else packet.dts) * packet.time_base)
+            first, end = min(first, start), max(end, start + float(packet.duration * packet.time_base))
             packet.stream = copy
             output.mux(packet)
-    duration = float((end - first) * stream.time_base) if first is not None else 0.0
-    return buffer.getvalue(), duration
+    return buffer.getvalue(), max(end - first, 0.0)
+
+
+def _in_samples(packet: av.Packet, sample_rate: int) -> None:
+    """Restate the packet's timestamps in 1/sample_rate units (exactly, for whole-sample times)."""
+    scale, samples = packet.time_base * sample_rate, Fraction(1, sample_rate)
+    packet.pts = round(packet.pts * scale) if packet.pts is not None else None
+    packet.dts = round(packet.dts * scale)
+    packet.duration = round(packet.duration * scale)
+    packet.time_base = samples
+
+
+def _padding_at_end(packet: av.Packet) -> int:
+    """How many samples the decoder is told to drop from the end of this packet (its "skip samples" side data:
+    32-bit little-endian samples to skip at the start, then at the end)."""
+    if not packet.has_sidedata("skip_samples"):
+        return 0
+    return int.from_bytes(bytes(packet.get_sidedata("skip_samples"))[4:8], "little")
 
 
 def _decode_pcm(container: av.container.InputContainer, stream: av.audio.AudioStream) -> np.ndarray:

@@ -20,6 +20,7 @@ Derived from it:
 * `speech.m4a`: the audio track alone (stream copy); `silent.mp4`: the video track alone;
 * `video.mkv` (an index of keyframe cues read at the first seek), `video.avi` (no presentation times): copies;
 * `broadcast.ts`: MPEG-TS, a container without a seek index, with ADTS-framed AAC;
+* `speech.webm`: Opus audio alone in WebM, whose last packet says how many decoded samples to drop;
 * `camera.mov`: big-endian PCM audio, as QuickTime cameras write (decoded by the client, not remuxed);
 * `phone.mp4`: 640x360, no audio, a keyframe every second as phones write: keyframes alone find the scenes at
   one analysed frame a second;
@@ -65,6 +66,7 @@ DERIVED = {
     "video.mkv": ["-c", "copy"],
     "video.avi": ["-c", "copy"],
     "broadcast.ts": ["-c", "copy"],
+    "speech.webm": ["-vn", "-c:a", "libopus", "-b:a", "48k"],
     "camera.mov": ["-c:v", "copy", "-c:a", "pcm_s16be"],
     "phone.mp4": ["-an", "-vf", "scale=640:360", "-c:v", "libx264", "-preset", "veryfast", "-threads", "2",
                   "-g", str(FPS), "-keyint_min", str(FPS), "-sc_threshold", "0"],
