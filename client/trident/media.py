@@ -9,7 +9,8 @@ Decoding does only what the request needs. Frames are decoded but not converted 
 copy) unless they are returned or analysed; the decoder runs frame and slice threads. Where the container has a
 seek index (MP4/MOV, MKV/WebM with cues), the sampler seeks to the keyframe before the next sample time
 whenever that keyframe lies more than `SEEK_MIN_SKIP_S` beyond what it has decoded, skipping frames nobody
-asked for; without an index (MPEG-TS) it decodes sequentially, and so it does AVI, whose frames it counts. Bad files raise `MediaError` naming the file, never a PyAV traceback.
+asked for; without an index (MPEG-TS) it decodes sequentially, and so it does AVI, whose frames it counts.
+Bad files raise `MediaError` naming the file, never a PyAV traceback.
 """
 from __future__ import annotations
 
