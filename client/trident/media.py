@@ -72,7 +72,7 @@ class MediaInfo:
     """What `probe` finds. `width`/`height` are as displayed (after `rotation`); video fields are None without a
     video track, audio fields None without an audio track; `duration` is None for an image or an unknown length.
     `rotation` is the counter-clockwise turn, in degrees, that a video's display matrix asks for; frames come out
-    turned. `keyframe_interval` is the longest gap between keyframes in the container's index (None without one).
+    turned. `keyframe_interval`: the longest gap between keyframes in the index (None without one, and for AVI).
     """
 
     path: Path
