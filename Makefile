@@ -32,8 +32,12 @@ $(VENV)/.installed: requirements.txt serving/pyproject.toml client/pyproject.tom
 #   prometheus  promtool + a real Prometheus scraping the test server (tests/test_monitoring.py)
 #   nginx-light the L7 gRPC proxy (grpc_pass, HTTP/2) of the scale-out simulation (tests/test_kubernetes.py);
 #               that test also needs kubectl (its built-in Kustomize), which this machine image carries
-#   ffmpeg      whisper.load_audio (the reference of the audio-decoding parity tests, tests/test_whisper_unit.py)
-SYSTEM_PACKAGES := libb64-0d fonts-nanum prometheus nginx-light ffmpeg
+#   ffmpeg      whisper.load_audio (the reference of the audio-decoding parity tests, tests/test_whisper_unit.py),
+#               the test video's encoder (tests/data/make_media.py) and the subtitles' reader (test_analyze_output)
+#   espeak-ng   the test video's speech (tests/data/make_media.py)
+#   fonts-dejavu-core  the test video's on-screen text (ffmpeg drawtext)
+#   chromium    headless render of report.html (tests/test_analyze_output.py)
+SYSTEM_PACKAGES := libb64-0d fonts-nanum prometheus nginx-light ffmpeg espeak-ng fonts-dejavu-core chromium
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
