@@ -139,7 +139,7 @@ def test_dry_run_refuses_a_carry_over_the_transfer_limit(tmp_path):
     part.mkdir()
     (part / "MANIFEST").write_text("test\n")
     with open(part / "base.tar.xz", "wb") as f:
-        f.truncate(62 * 1024 * 1024)  # sparse: with the ~3 MiB tree, over 64 MiB
+        f.truncate(65 * 1024 * 1024)  # sparse: over 64 MiB with the tree
     done = dry_run("call1", CARRY=str(tmp_path))
     assert done.returncode == 1 and "OVER: what travels exceeds 64 MiB" in done.stdout, done.stdout
 

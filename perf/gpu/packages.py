@@ -236,10 +236,13 @@ def check(env: str, carried: Path | None, perf_analyzer: Path | None,
 
 
 def _check_binary(path: Path) -> str:
-    """'' when the binary's shared libraries all resolve (ldd), else what is wrong."""
+    """'' when perf_analyzer's shared libraries all resolve (ldd) with the library path perf gives it."""
     if not (path.is_file() and os.access(path, os.X_OK)):
         return f"FAIL: {path} is missing or not executable"
-    done = subprocess.run(["ldd", str(path)], capture_output=True, text=True)
+    sys.path.insert(0, str(ROOT))
+    from perf import analyzer  # its environment adds the libcudart.so.12 link it makes
+
+    done = subprocess.run(["ldd", str(path)], capture_output=True, text=True, env=analyzer.environment())
     missing = [line.split()[0] for line in done.stdout.splitlines() if "not found" in line]
     return f"FAIL: libraries not found: {', '.join(missing)}" if missing else ""
 
@@ -279,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                  + "".join(f"  - {p}\n" for p in problems)
                  + "Carried ones: rebuild with `make gpu-bundle`. Machine ones: add a row with source carry in "
                    "perf/gpu/packages.py (a cp312 wheel for this machine's torch), rebuild, rerun call 1.\n")
+    else:
+        text += f"{args.env} interpreter: all {len(rows)} checked, none missing\n"
     print(text, end="")
     if args.out:
         with open(args.out, "a") as f:

@@ -26,7 +26,7 @@ MIN_STAGE=${MIN_STAGE:-15}
 WARM_SKIPS=${WARM_SKIPS:-15}      # call 2 on a warm machine: the installed/exported checks, perf_analyzer's ldd
 # name:limit in seconds, in order. Expected times on an H100/H200: perf/gpu/README.md.
 CALL1_STAGES=${CALL1_STAGES:-"install:25 preflight:45 inputs:15 export:80 check:95"}
-CALL2_STAGES=${CALL2_STAGES:-"install:25 preflight:45 inputs:15 export:80 perf:165 memory:75"}
+CALL2_STAGES=${CALL2_STAGES:-"install:25 preflight:45 inputs:15 export:80 perf:175 memory:65"}
 WARM_ONLY="install preflight inputs export"  # call 2 finds these done by call 1 unless the machine was recycled
 MIB=1048576
 OUT_FILES=8 OUT_FILE_MIB=16 OUT_TOTAL_MIB=64 CARRY_MIB=64  # the device tool's limits
@@ -89,31 +89,29 @@ install_part() {  # gpu-base | gpu-perf: unpack what was carried, once per bundl
         printf '%s\n' "$ENV_DIR/site" "$ROOT/serving" "$ROOT/client" "import site; site.addsitedir('$machine_site')"
       } > "$purelib/trident-gpu.pth"
     done
-    # perf_analyzer wants libcudart.so.12; the server bundle carries one under a hashed name
-    ln -sf "$(ls "$ENV_DIR"/site/nvidia_pytriton.libs/libcudart-*.so* | head -1)" "$ENV_DIR/lib/libcudart.so.12"
   else
     [ -d "$ENV_DIR/serve/bin" ] || { echo "$part: install gpu-base first"; return 1; }
     # analyzer.py runs the perf_analyzer beside the interpreter
     xz -dc "$CARRY/gpu-perf/perf_analyzer.xz" > "$ENV_DIR/serve/bin/perf_analyzer" || return 1
     chmod +x "$ENV_DIR/serve/bin/perf_analyzer"
-    cp "$CARRY/gpu-perf/libb64.so.0d" "$ENV_DIR/lib/"
+    cp "$CARRY/gpu-perf/libb64.so.0d" "$ENV_DIR/lib/"  # libcudart.so.12: perf/analyzer.py links the bundled one
   fi
   touch "$stamp"
   echo "$part: installed into $ENV_DIR ($(du -sh "$ENV_DIR" | cut -f1))"
 }
 
 stage_preflight() {
-  local args=(--out "$WORK/packages.txt")
+  local args=(--out "$WORK/packages.txt") serve=()
   [ "${CPU_FALLBACK:-}" = 1 ] || args+=(--carried "$ENV_DIR")
-  [ "$CALL" = call2 ] && args+=(--perf-analyzer "$(dirname "$PY_SERVE")/perf_analyzer")
+  [ "$CALL" = call2 ] && serve+=(--perf-analyzer "$(dirname "$PY_SERVE")/perf_analyzer")
   if [ -e "$ENV_DIR/preflight-ok" ] && [ "${CPU_FALLBACK:-}" != 1 ]; then
     echo "imports already checked on this machine ($ENV_DIR/preflight-ok)"
-    if [ "$CALL" = call2 ]; then "$PY_SERVE" perf/gpu/packages.py check --env serve --no-imports "${args[@]}"; fi
+    if [ "$CALL" = call2 ]; then "$PY_SERVE" perf/gpu/packages.py check --env serve --no-imports "${args[@]}" "${serve[@]}"; fi
     return
   fi
   command -v nvidia-smi >/dev/null && nvidia-smi
   "$PY_EXPORT" perf/gpu/packages.py check --env export "${args[@]}"; local rc=$?
-  "$PY_SERVE" perf/gpu/packages.py check --env serve "${args[@]}" || rc=$?
+  "$PY_SERVE" perf/gpu/packages.py check --env serve "${args[@]}" "${serve[@]}" || rc=$?
   [ $rc -eq 0 ] && touch "$ENV_DIR/preflight-ok"
   return $rc
 }
@@ -333,17 +331,19 @@ if [ "$CALL" = call2 ] && [ "${CPU_FALLBACK:-}" != 1 ] && ! ls "$ENV_DIR"/instal
   say "NOTE: no $ENV_DIR from call 1 here: the machine was recycled (or call 1 did not run). Reinstalling from"
   say "      the carry and re-exporting first; perf and memory get what is left of the $CALL_LIMIT s."
 fi
-status=0
+status=0 next="send call 2 at once (the machine is given back after ~30 s idle)"
 for entry in $(stages_of "$CALL"); do
   name=${entry%%:*}
   run_stage "$name" "${entry##*:}"; rc=$?
   [ $rc -ne 0 ] && status=1
   # without an installed, importable environment or a model repository nothing later can run
   if [ $rc -ne 0 ] && [[ " install preflight export " == *" $name "* ]]; then
-    say "stopping: $name failed (its log: results-$CALL.tar.gz, $name.log)"; break
+    say "stopping: $name failed (its log: results-$CALL.tar.gz, $name.log)"
+    next="do not send call 2: give the machine back, fix $name here, then both calls again"
+    break
   fi
 done
-say "$CALL done in $(( $(date +%s) - START )) s, exit $status$([ "$CALL" = call1 ] && echo "; send call 2 at once (the machine is given back after ~30 s idle)")"
+say "$CALL done in $(( $(date +%s) - START )) s, exit $status$([ "$CALL" = call1 ] && echo "; $next")"
 pack
 verify_out "$OUT" | tee -a "$SUMMARY"
 exit $status
