@@ -172,16 +172,16 @@ environment() {
 # ---------------------------------------------------------------------------------------------- the call
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
-stop_servers() {  # servers a stage left running (its client was killed): by the pid files under $WORK
+stop_servers() {  # servers left running (their client was killed) by the pid files under the folders given
   local file pid
   while IFS= read -r file; do
     pid=$(cat "$file" 2>/dev/null) || continue
     kill -0 -- "-$pid" 2>/dev/null || continue
-    say "   stopping server group $pid left by the stage ($file)"
+    say "   stopping server group $pid left running ($file)"
     kill -TERM -- "-$pid" 2>/dev/null
     for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
     kill -KILL -- "-$pid" 2>/dev/null
-  done < <(find "$WORK" -name tritonserver.pid 2>/dev/null)
+  done < <(find "$@" -name tritonserver.pid 2>/dev/null)
 }
 
 run_stage() {  # name limit: its function under the limit, cut to the call's deadline; 124 when cut or skipped
@@ -197,7 +197,7 @@ run_stage() {  # name limit: its function under the limit, cut to the call's dea
   timeout --signal=INT --kill-after="$GRACE" "$(( limit - GRACE ))" "$BASH" "$SCRIPT" __stage "$name" \
     >> "$WORK/$name.log" 2>&1
   local rc=$?
-  stop_servers
+  stop_servers "$WORK"
   tail -n 12 "$WORK/$name.log" | sed 's/^/    /' >> "$SUMMARY"
   local why=""
   case $rc in 124|137) why=" (cut at its limit)" ;; 3) why=" (missing packages: see packages.txt)" ;; esac
@@ -320,11 +320,15 @@ OUT=${OUT:-$WORK-out}
 SUMMARY=$OUT/summary.txt
 START=$(date +%s)
 DEADLINE=$(( START + CALL_LIMIT * LIMIT_SCALE ))
-rm -rf "$WORK"
-mkdir -p "$WORK" "$OUT"
-export CALL WORK
+mkdir -p "$OUT"
+for f in summary.txt "results-$CALL.tar.gz" .results.part $(key_files "$CALL"); do rm -f "$OUT/$(basename "$f")"; done
 say "Trident GPU $CALL $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
     "stages: $(stages_of "$CALL"); call limit $(( CALL_LIMIT * LIMIT_SCALE )) s"
+# a call the device tool killed leaves its servers running (their own sessions) on the machine
+stop_servers "$ROOT"/perf/results/gpu-call[12]
+rm -rf "$WORK"
+mkdir -p "$WORK"
+export CALL WORK
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
   | tee -a "$SUMMARY"
 if [ "$CALL" = call2 ] && [ "${CPU_FALLBACK:-}" != 1 ] && ! ls "$ENV_DIR"/installed-gpu-base-* >/dev/null 2>&1; then
