@@ -9,8 +9,8 @@
 #   CPU_FALLBACK=1 MODELS=yolo bash perf/gpu/run.sh call1   # rehearsal on a CPU with this checkout's .venv
 #
 # Every stage runs under a time limit: its own, cut to what is left of the call's CALL_LIMIT less PACK_RESERVE
-# (a stage with less than MIN_STAGE seconds left is skipped). At the limit the stage gets SIGINT (perf writes
-# its partial report), GRACE seconds later SIGKILL; servers it left are stopped. After every stage $OUT is
+# (a stage with less than MIN_STAGE seconds left is skipped). GRACE seconds before its limit the stage gets
+# SIGINT (perf writes its partial report), at the limit SIGKILL; servers it left are stopped. After every stage $OUT is
 # packed again and summary.txt is appended line by line, so a call cut short still returns what it had.
 # Call 2 on a machine that lost call 1's .gpu-env/ (recycled) says so, reinstalls from the carry and
 # re-exports before measuring, in whatever time is left.
@@ -64,7 +64,7 @@ stage_install() {
   if [ "${CPU_FALLBACK:-}" = 1 ]; then echo "CPU_FALLBACK: using $ROOT/.venv, nothing to install"; return 0; fi
   install_part gpu-base && install_part gpu-perf || return 1
   ls "$ENV_DIR"/installed-gpu-base-* >/dev/null 2>&1 \
-    || { echo "nothing installed and .carry/gpu-base not carried: carry it (make gpu-bundle here first)"; return 3; }
+    || { echo "nothing installed and .carry/gpu-base not carried: carry it (make gpu-bundle here first)"; return 1; }
 }
 
 install_part() {  # gpu-base | gpu-perf: unpack what was carried, once per bundle (a stamp keyed to its MANIFEST)
@@ -77,8 +77,8 @@ install_part() {  # gpu-base | gpu-perf: unpack what was carried, once per bundl
     rm -rf "$ENV_DIR"/{site,numpy1,serve,export,lib} "$ENV_DIR"/installed-* "$ENV_DIR"/preflight-ok
     mkdir -p "$ENV_DIR/lib"
     xz -dc "$CARRY/gpu-base/base.tar.xz" | tar -C "$ENV_DIR" -xf - || return 1
-    local machine_site env purelib
-    machine_site=$("$system_python" -c 'import site; print(site.getsitepackages()[0])') || return 1
+    local machine_sites env purelib
+    machine_sites=$("$system_python" -c 'import site; print("\n".join(site.getsitepackages()))') || return 1
     for env in serve export; do
       # Our own venvs over the machine's Python: the stub's embedded interpreter takes its prefix from the
       # first python3 on PATH (trident_serving.server puts the launching venv there), so it reads this .pth.
@@ -86,7 +86,8 @@ install_part() {  # gpu-base | gpu-perf: unpack what was carried, once per bundl
       "$system_python" -m venv --without-pip "$ENV_DIR/$env" || return 1
       purelib=$("$ENV_DIR/$env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
       { [ "$env" = serve ] && echo "$ENV_DIR/numpy1"
-        printf '%s\n' "$ENV_DIR/site" "$ROOT/serving" "$ROOT/client" "import site; site.addsitedir('$machine_site')"
+        printf '%s\n' "$ENV_DIR/site" "$ROOT/serving" "$ROOT/client"
+        printf "import site; site.addsitedir('%s')\n" $machine_sites  # their own .pth files apply too
       } > "$purelib/trident-gpu.pth"
     done
   else
@@ -208,10 +209,11 @@ run_stage() {  # name limit: its function under the limit, cut to the call's dea
 
 pack() {  # $OUT: summary.txt (live), results-<call>.tar.gz, the key files flat; never more than OUT_FILES
   local archive=$WORK.tar.gz exclude=$WORK.exclude f
-  {
-    echo "./tmp"; echo "*/backends"; echo "*.pt"; echo "*.pth"; echo "*.onnx"
-    # a file too big to travel is left out (named in the summary): logs are text and stay far below this
-    find "$WORK" -type f -size +$(( OUT_FILE_MIB / 2 ))M -printf './%P\n'
+  # a file too big to travel is left out, named in left-out.txt: logs are text and stay far below this
+  find "$WORK" -type f -size +$(( OUT_FILE_MIB / 2 ))M ! -name '*.pt' ! -name '*.pth' ! -name '*.onnx' \
+    -printf './%P\n' > "$WORK/left-out.txt"
+  [ -s "$WORK/left-out.txt" ] || rm "$WORK/left-out.txt"
+  { echo "./tmp"; echo "*/backends"; echo "*.pt"; echo "*.pth"; echo "*.onnx"; cat "$WORK/left-out.txt" 2>/dev/null
   } > "$exclude"
   tar -C "$WORK" -X "$exclude" -czf "$archive" . 2>/dev/null
   if [ "$(stat -c %s "$archive")" -le $(( OUT_FILE_MIB * MIB )) ]; then
@@ -251,8 +253,8 @@ tree_bytes() {  # what travels with every call besides the carry: tracked and un
 
 dry_run() {  # the plan of one call and the limits it must keep; exit 1 on a breach
   local call=$1 bad=0 t=0 name limit eff entry budget=$(( CALL_LIMIT - PACK_RESERVE ))
-  echo "$call: stages (limit s; worst case: every stage runs to its limit; the call's limit is $CALL_LIMIT s," \
-       "$PACK_RESERVE s kept for packing)"
+  echo "$call: stages (limit; start if every earlier stage ran to its limit; the call ends by $CALL_LIMIT s," \
+       "$PACK_RESERVE s of it for packing)"
   local full=0 warm=$WARM_SKIPS
   for entry in $(stages_of "$call"); do
     name=${entry%%:*} limit=${entry##*:}
