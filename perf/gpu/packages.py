@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CARRY, MACHINE = "carry", "machine"
+CARRY, MACHINE, REPO = "carry", "machine", "repo"
 SERVE, EXPORT = "serve", "export"
 
 
@@ -39,7 +39,9 @@ SERVE, EXPORT = "serve", "export"
 class Package:
     module: str  # what is imported
     distribution: str  # its name on PyPI
-    source: str  # CARRY: packed by bundle.sh; MACHINE: expected on the GPU machine (KINDS.md), checked only
+    # CARRY: packed by bundle.sh; MACHINE: expected on the GPU machine (KINDS.md), checked only; REPO: a module
+    # of this repository, imported so that the third-party submodules it imports are tried too
+    source: str
     needed_by: str
     envs: tuple[str, ...] = (SERVE, EXPORT)
     probe: str = ""  # Python run after the import (names: the module's top level, `cuda`); must not raise
@@ -55,7 +57,8 @@ PACKAGES: tuple[Package, ...] = (
     Package("tritonclient.grpc", "tritonclient", CARRY, "check, perf, perf.memory (perf_analyzer: call 2)", (SERVE,)),
     Package("rapidjson", "python-rapidjson", CARRY, "tritonclient", (SERVE,)),
     Package("av", "av", CARRY, "trident_serving.audio (whisper's model.py, check, baselines)"),
-    Package("ultralytics", "ultralytics", CARRY, "export yolo, detect/yolov8 model.py, check, baselines"),
+    Package("ultralytics", "ultralytics", CARRY, "export yolo, detect/yolov8 model.py, check, baselines",
+            probe="ultralytics.YOLO"),  # a lazy attribute: imports ultralytics.models and the model code
     Package("thop", "ultralytics-thop", CARRY, "ultralytics (FLOPs in model.info(); optional there)"),
     Package("whisper", "openai-whisper", CARRY, "export whisper, whisper's model.py, check, baselines", form="sdist"),
     Package("more_itertools", "more-itertools", CARRY, "whisper"),
@@ -89,6 +92,11 @@ PACKAGES: tuple[Package, ...] = (
     Package("google.protobuf", "protobuf", MACHINE, "tritonclient.grpc", (SERVE,)),
     Package("urllib3", "urllib3", MACHINE, "tritonclient", (SERVE,)),
     Package("packaging", "packaging", MACHINE, "tritonclient.grpc", (SERVE,)),
+    # ours, in the interpreter that runs them
+    *(Package(m, "-", REPO, "the stubs, check, perf", (SERVE,)) for m in (
+        "trident_serving.audio", "trident_serving.images", "trident_serving.yolo", "trident_serving.ocr",
+        "trident_serving.asr_service", "perf.inputs", "perf.suite", "perf.baselines", "perf.report", "perf.memory")),
+    *(Package(m, "-", REPO, "the export stage", (EXPORT,)) for m in ("export.yolo", "export.whisper", "export.easyocr")),
 )
 
 # Imported somewhere in the code the stages run, or declared by a carried package, but never imported on the
@@ -201,13 +209,15 @@ def _version(distribution: str) -> str:
 def check(env: str, carried: Path | None, perf_analyzer: Path | None,
           rows: tuple[Package, ...] = PACKAGES) -> tuple[list[list[str]], list[str]]:
     """Import each of `rows` that `env` needs; returns the table and the problems (empty: all good)."""
+    sys.path.insert(0, str(ROOT))  # perf, export (serving and client come with the venv)
     table, problems = [], []
     cuda = False
     for package in rows:
         if env not in package.envs:
             continue
         started = time.monotonic()
-        status, where, version = "ok", "", _version(package.distribution)
+        status, where = "ok", ""
+        version = _version(package.distribution) if package.source != REPO else ""
         try:
             module = importlib.import_module(package.module)
             where = str(Path(module.__file__ or "").parent)
@@ -239,7 +249,6 @@ def _check_binary(path: Path) -> str:
     """'' when perf_analyzer's shared libraries all resolve (ldd) with the library path perf gives it."""
     if not (path.is_file() and os.access(path, os.X_OK)):
         return f"FAIL: {path} is missing or not executable"
-    sys.path.insert(0, str(ROOT))
     from perf import analyzer  # its environment adds the libcudart.so.12 link it makes
 
     done = subprocess.run(["ldd", str(path)], capture_output=True, text=True, env=analyzer.environment())
