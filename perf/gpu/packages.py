@@ -96,7 +96,8 @@ PACKAGES: tuple[Package, ...] = (
     *(Package(m, "-", REPO, "the stubs, check, perf", (SERVE,)) for m in (
         "trident_serving.audio", "trident_serving.images", "trident_serving.yolo", "trident_serving.ocr",
         "trident_serving.asr_service", "perf.inputs", "perf.suite", "perf.baselines", "perf.report", "perf.memory")),
-    *(Package(m, "-", REPO, "the export stage", (EXPORT,)) for m in ("export.yolo", "export.whisper", "export.easyocr")),
+    *(Package(m, "-", REPO, "the export stage", (EXPORT,))
+      for m in ("export.yolo", "export.whisper", "export.easyocr")),
 )
 
 # Imported somewhere in the code the stages run, or declared by a carried package, but never imported on the

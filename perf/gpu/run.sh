@@ -17,7 +17,7 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SCRIPT=$ROOT/perf/gpu/run.sh
-cd "$ROOT"
+cd "$ROOT" || exit 2
 
 CALL_LIMIT=${CALL_LIMIT:-270}
 PACK_RESERVE=${PACK_RESERVE:-10}  # packing $OUT after the last stage
@@ -74,7 +74,7 @@ install_part() {  # gpu-base | gpu-perf: unpack what was carried, once per bundl
   stamp=$ENV_DIR/installed-$part-$(md5sum < "$manifest" | cut -c1-12)
   [ -e "$stamp" ] && { echo "$part: already installed"; return 0; }
   if [ "$part" = gpu-base ]; then
-    rm -rf "$ENV_DIR"/{site,numpy1,serve,export,lib} "$ENV_DIR"/installed-* "$ENV_DIR"/preflight-ok
+    rm -rf "${ENV_DIR:?}"/{site,numpy1,serve,export,lib} "$ENV_DIR"/installed-* "$ENV_DIR"/preflight-ok
     mkdir -p "$ENV_DIR/lib"
     xz -dc "$CARRY/gpu-base/base.tar.xz" | tar -C "$ENV_DIR" -xf - || return 1
     local machine_sites env purelib
@@ -107,7 +107,9 @@ stage_preflight() {
   [ "$CALL" = call2 ] && serve+=(--perf-analyzer "$(dirname "$PY_SERVE")/perf_analyzer")
   if [ -e "$ENV_DIR/preflight-ok" ] && [ "${CPU_FALLBACK:-}" != 1 ]; then
     echo "imports already checked on this machine ($ENV_DIR/preflight-ok)"
-    if [ "$CALL" = call2 ]; then "$PY_SERVE" perf/gpu/packages.py check --env serve --no-imports "${args[@]}" "${serve[@]}"; fi
+    if [ "$CALL" = call2 ]; then
+      "$PY_SERVE" perf/gpu/packages.py check --env serve --no-imports "${args[@]}" "${serve[@]}"
+    fi
     return
   fi
   command -v nvidia-smi >/dev/null && nvidia-smi
@@ -241,7 +243,8 @@ verify_out() {  # the device tool's limits on what comes back from $OUT; prints 
     [ "$size" -le $(( OUT_FILE_MIB * MIB )) ] || { echo "  $rel: over $OUT_FILE_MIB MiB"; bad=1; }
   done < <(find "$dir" -mindepth 1 ! -type d -print0)
   [ $count -le $OUT_FILES ] || { echo "  $count files: at most $OUT_FILES come back"; bad=1; }
-  [ $total -le $(( OUT_TOTAL_MIB * MIB )) ] || { echo "  $((total / MIB)) MiB: at most $OUT_TOTAL_MIB together"; bad=1; }
+  [ $total -le $(( OUT_TOTAL_MIB * MIB )) ] \
+    || { echo "  $((total / MIB)) MiB: at most $OUT_TOTAL_MIB together"; bad=1; }
   echo "  \$OUT: $count files, $(( total / 1024 )) KiB"
   return $bad
 }
@@ -261,9 +264,13 @@ dry_run() {  # the plan of one call and the limits it must keep; exit 1 on a bre
     [[ $limit =~ ^[0-9]+$ ]] || { echo "  $entry: no limit"; bad=1; continue; }
     (( limit > GRACE )) || { echo "  $name: limit $limit s leaves nothing after the $GRACE s grace"; bad=1; }
     eff=$(( limit < budget - t ? limit : budget - t ))
-    if (( eff < MIN_STAGE )); then printf '  %-10s %4d s  from %3d s: skipped (%d s left)\n' "$name" "$limit" "$t" "$eff"
-    else printf '  %-10s %4d s  from %3d s%s\n' "$name" "$limit" "$t" \
-           "$( (( eff < limit )) && echo ": cut to $eff s (only on a recycled machine)")"; t=$(( t + eff )); fi
+    if (( eff < MIN_STAGE )); then
+      printf '  %-10s %4d s  from %3d s: skipped (%d s left)\n' "$name" "$limit" "$t" "$eff"
+    else
+      printf '  %-10s %4d s  from %3d s%s\n' "$name" "$limit" "$t" \
+        "$( (( eff < limit )) && echo ": cut to $eff s (only on a recycled machine)")"
+      t=$(( t + eff ))
+    fi
     full=$(( full + limit ))
     [[ " $WARM_ONLY " == *" $name "* ]] || warm=$(( warm + limit ))
   done
@@ -300,7 +307,8 @@ dry_run() {  # the plan of one call and the limits it must keep; exit 1 on a bre
     mkdir -p "$WORK/checks/server/backends" "$WORK/perf/perf_analyzer/on-speech-5s" "$WORK/tmp" "$OUT"
     for entry in $(stages_of "$call"); do echo "log" > "$WORK/${entry%%:*}.log"; done
     for f in $(key_files "$call"); do mkdir -p "$(dirname "$WORK/$f")"; echo "{}" > "$WORK/$f"; done
-    echo "x" > "$WORK/perf/perf_analyzer/on-speech-5s/whisper-c32.csv"; echo "x" > "$WORK/checks/server/tritonserver.log"
+    echo "x" > "$WORK/perf/perf_analyzer/on-speech-5s/whisper-c32.csv"
+    echo "x" > "$WORK/checks/server/tritonserver.log"
     echo "summary" > "$SUMMARY"
     pack; pack  # twice: a repacked $OUT must not grow
     verify_out "$OUT"
@@ -324,7 +332,8 @@ START=$(date +%s)
 DEADLINE=$(( START + CALL_LIMIT * LIMIT_SCALE ))
 mkdir -p "$OUT"
 for f in summary.txt "results-$CALL.tar.gz" .results.part $(key_files "$CALL"); do rm -f "$OUT/$(basename "$f")"; done
-say "Trident GPU $CALL $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
+say "Trident GPU $CALL $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)," \
+    "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
     "stages: $(stages_of "$CALL"); call limit $(( CALL_LIMIT * LIMIT_SCALE )) s"
 # a call the device tool killed leaves its servers running (their own sessions) on the machine
 stop_servers "$ROOT"/perf/results/gpu-call[12]
