@@ -142,7 +142,8 @@ fuzz: venv
 soak: venv
 	$(PY) -m perf.soak --seconds $(SOAK_SECONDS)
 
-# Files to copy to a GPU machine without Docker or a package index (perf/gpu/README.md): .carry/gpu-1, .carry/gpu-2
+# What the two device calls carry to a GPU machine without Docker or a package index (perf/gpu/README.md):
+# .carry/gpu-base (both calls) and .carry/gpu-perf (call 2), then their dry run (time limits, sizes)
 gpu-bundle: venv
 	bash perf/gpu/bundle.sh
 
