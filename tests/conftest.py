@@ -120,7 +120,7 @@ class Server:
         most = 0.0
         with ThreadPoolExecutor(1) as pool:
             job = pool.submit(burst)
-            while not job.done():
+            while not job.done() and most < needed:
                 most = max(most, self.metrics().get(("nv_inference_pending_request_count", model), 0.0))
                 time.sleep(0.05)  # a queue lasts as long as the executions it waits for
             result = job.result()
