@@ -69,7 +69,7 @@ def free_ports(count: int) -> list[int]:
     Free now only: another process may bind one before the caller's server does (start() handles that)."""
     sockets = [socket.socket() for _ in range(count)]
     try:
-        for s in sockets:  # all held open together: the kernel hands out a port only once
+        for s in sockets:  # all bound at once, so the kernel gives each another port
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
