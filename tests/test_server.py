@@ -75,8 +75,11 @@ def test_fixed_ports_are_not_changed(tmp_path):
     http, grpc, metrics = server.free_ports(3)
     options = server.ServerOptions(repository=tmp_path / "repository", run_dir=tmp_path / "run", http_port=http,
                                    grpc_port=grpc, metrics_port=metrics)
-    with squatter(http):
-        with pytest.raises(SystemExit, match=f"the HTTP port {http}: another process uses it .*--http-port"):
+    try:
+        with squatter(http), pytest.raises(SystemExit, match=f"the HTTP port {http}: another process uses it .*"
+                                                               "--http-port"):
             server.start(options)
+        assert server.running_pid(options) is None  # start() stopped what it started
+    finally:
+        server.stop(options)  # in case it started after all
     assert (options.http_port, options.grpc_port, options.metrics_port) == (http, grpc, metrics)
-    assert server.running_pid(options) is None
