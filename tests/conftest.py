@@ -6,16 +6,22 @@ The models exported (and so the tests collected) are those named in TRIDENT_TEST
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
+import cv2
+import numpy as np
 import pytest
+import tritonclient.grpc
 
 from trident import Client
 from trident_serving import server
@@ -23,6 +29,7 @@ from trident_serving import server
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 ALL_MODELS = ("yolo", "whisper", "easyocr")
+T = TypeVar("T")
 # Synthetic weights: real architectures, random (seeded) values; whisper at `tiny` size for CPU speed.
 EXPORT_ARGS = {
     "yolo": ["yolo", "--weights", "synthetic", "--flavour", "python"],
@@ -93,6 +100,49 @@ class Server:
         for name, model, value in re.findall(r'^(nv_inference_\w+)\{model="([^"]+)"[^}]*\} (\S+)$', text, re.M):
             found[(name, model)] = found.get((name, model), 0.0) + float(value)
         return found
+
+    def instances(self, model: str) -> int:
+        """How many instances of `model` the server runs (its loaded config)."""
+        config = tritonclient.grpc.InferenceServerClient(self.grpc_url).get_model_config(model, as_json=True)
+        return sum(int(group.get("count", 1)) for group in config["config"]["instance_group"])
+
+    def batched(self, model: str, burst: Callable[[], T]) -> T:
+        """Run `burst` (concurrent requests to `model`, all with the same inputs) and fail unless its queue proved
+        that an execution of `model` took several of them together; returns what `burst` returned.
+
+        Triton's dynamic batcher promises no batch. A queue does: a request counts as pending
+        (nv_inference_pending_request_count) until its execution starts, so the pending ones sit in the queue
+        or in a batch being handed to an instance, at most one such batch per instance. With instances + 2
+        pending at once, two sit together, and run together: an instance that frees takes all the queued
+        requests it can batch, up to max_batch_size (core's dynamic_batch_scheduler.cc).
+        """
+        needed = self.instances(model) + 2
+        most = 0.0
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(burst)
+            while not job.done() and most < needed:
+                most = max(most, self.metrics().get(("nv_inference_pending_request_count", model), 0.0))
+                time.sleep(0.05)  # a queue lasts as long as the executions it waits for
+            result = job.result()
+        assert most >= needed, f"at most {most:.0f} {model} requests waited at once: {needed} prove batching"
+        return result
+
+
+@functools.cache
+def _slow_image() -> bytes:
+    """A 50 MP JPEG: seconds for a CPU instance of `detect` to decode."""
+    return cv2.imencode(".jpg", np.full((7000, 7000, 3), 90, np.uint8))[1].tobytes()
+
+
+def hold_detect(client: Client, pool: ThreadPoolExecutor) -> list[Future]:
+    """Keep both instances of `detect` busy for seconds with two slow requests, sent through `pool`; returns
+    their futures once they are executing. Each carries IOU_THRESHOLD and its own set of the other optional
+    inputs: Triton batches only requests with the same set, so requests sent meanwhile without IOU_THRESHOLD
+    neither join them nor find an idle instance, and queue."""
+    futures = [pool.submit(client.detect, _slow_image(), None, 0.7),
+               pool.submit(client.detect, _slow_image(), 0.5, 0.7)]
+    time.sleep(0.5)  # sent and started: the decoding takes seconds
+    return futures
 
 
 @contextlib.contextmanager

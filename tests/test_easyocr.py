@@ -53,7 +53,8 @@ def test_concurrent_requests_are_batched_and_unchanged(triton, expected):
     client = triton.client("grpc")
     names = (IMAGES * 5)[:32]
     before = triton.metrics()
-    results = client.read_text_many([DATA / name for name in names], concurrency=32)
+    results = triton.batched("easyocr", lambda: client.read_text_many([DATA / name for name in names],
+                                                                       concurrency=len(names)))
     after = triton.metrics()
     for name, served in zip(names, results):
         assert_same_lines(served, expected[name])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,6 +46,9 @@ class ServerOptions:
     # starts tritonserver again when it dies itself, at most `restarts` times in 10 minutes.
     supervise: bool = True
     restarts: int = 3
+    # The ports came from free_port() (on_free_ports): when another process binds one of them before tritonserver
+    # does, start() picks new free ports (written back here) and starts again. Fixed ports fail instead.
+    pick_new_ports: bool = False
 
     @property
     def log_file(self) -> Path:
@@ -59,16 +63,29 @@ class ServerOptions:
         return f"http://127.0.0.1:{self.http_port}/v2/health/ready"
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports free on loopback now (for servers of tests, benchmarks and simulations).
+
+    Free now only: another process may bind one before the caller's server does (start() handles that)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:  # all bound at once, so the kernel gives each another port
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    """A TCP port free on loopback now (for servers of tests, benchmarks and simulations)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on loopback now."""
+    return free_ports(1)[0]
 
 
 def on_free_ports(**options) -> ServerOptions:
-    """ServerOptions whose HTTP, gRPC and metrics ports are free on loopback now."""
-    return ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **options)
+    """ServerOptions whose HTTP, gRPC and metrics ports are free on loopback now (new ones if taken at start)."""
+    http, grpc, metrics = free_ports(3)
+    return ServerOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, pick_new_ports=True, **options)
 
 
 def bundle() -> Path:
@@ -138,12 +155,52 @@ def rate_limit_resources(options: ServerOptions) -> tuple[str, ...]:
                  if f.startswith(prefix))
 
 
+# Starts of one start() call when ports picked by free_port() turn out to be taken by then.
+PORT_ATTEMPTS = 3
+# tritonserver's last words when a port is taken (main.cc), e.g. "failed to start GRPC service: Unavailable -
+# Socket '0.0.0.0:8001' already in use". It binds its ports only after loading every model, then exits.
+_PORT_TAKEN = re.compile(r"failed to start (\w+) service: .*Socket '[^']*:(\d+)' already in use")
+
+
+class PortTaken(Exception):
+    """tritonserver found one of its ports bound by another process."""
+
+    def __init__(self, service: str, port: int):
+        super().__init__(f"the {service} port {port}")
+        self.service = service  # as tritonserver names it: GRPC, HTTP, Metrics
+
+
 def start(options: ServerOptions) -> int:
-    """Start the server in the background and wait until it is ready; returns its PID."""
+    """Start the server in the background and wait until it is ready; returns its PID.
+
+    A port another process holds makes tritonserver exit (after loading the models). With
+    `options.pick_new_ports` start() then picks new free ports, writes them into `options` and starts again, at
+    most PORT_ATTEMPTS times in all; with fixed ports it fails, naming the port.
+    """
     if running_pid(options):
         raise SystemExit(f"a server started from {options.run_dir} is already running (make stop first)")
     options.run_dir.mkdir(parents=True, exist_ok=True)
     backends = prepare_backends(options.run_dir)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return _start_once(options, backends, keep_log=attempt > 1)
+        except PortTaken as taken:
+            if not options.pick_new_ports:
+                raise SystemExit(f"tritonserver could not listen on {taken}: another process uses it (stop that, "
+                                 f"or choose another port with --{taken.service.lower()}-port)") from None
+            if attempt == PORT_ATTEMPTS:
+                raise SystemExit(f"tritonserver could not listen on {taken}: a port picked free was taken "
+                                 f"before tritonserver bound it, at each of {attempt} starts") from None
+            print(f"{taken} was taken before tritonserver bound it: starting again on new free ports",
+                  file=sys.stderr)
+            options.http_port, options.grpc_port, options.metrics_port = free_ports(3)
+
+
+def _start_once(options: ServerOptions, backends: Path, keep_log: bool) -> int:
+    """Start tritonserver and wait until it is ready on all its ports; returns its PID. Raises PortTaken (after
+    stopping it) when a port was taken. `keep_log`: append to the log of the previous attempt."""
     command = [
         str(bundle() / "bin" / "tritonserver"),
         f"--model-repository={Path(options.repository).resolve()}",
@@ -168,13 +225,23 @@ def start(options: ServerOptions) -> int:
     if options.supervise:
         command = [sys.executable, "-m", "trident_serving.supervisor", f"--restarts={options.restarts}", "--",
                    *command]
-    with open(options.log_file, "wb") as log:
+    with open(options.log_file, "ab" if keep_log else "wb") as log:
+        log_start = log.tell()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(),
                                    start_new_session=True)
     options.pid_file.write_text(str(process.pid))
+    ports = {options.http_port, options.grpc_port, options.metrics_port}
     deadline = time.monotonic() + options.ready_timeout
     while time.monotonic() < deadline:
-        if is_ready(options):
+        with open(options.log_file, "rb") as log:
+            log.seek(log_start)
+            taken = _PORT_TAKEN.search(log.read().decode(errors="replace"))
+        if taken:
+            stop(options)  # the supervisor would start it again on the same ports
+            raise PortTaken(taken[1], int(taken[2]))
+        # A ready answer alone may come from another server on our HTTP port, or precede the failure to bind
+        # the metrics port (bound last): ready only once our processes listen on all three.
+        if is_ready(options) and ports <= listening_ports(process.pid):
             return process.pid
         if process.poll() is not None:
             break
@@ -182,6 +249,32 @@ def start(options: ServerOptions) -> int:
     stop(options)
     tail = options.log_file.read_text(errors="replace").splitlines()[-30:]
     raise SystemExit("tritonserver did not become ready; last log lines:\n" + "\n".join(tail))
+
+
+def listening_ports(pgid: int) -> set[int]:
+    """The TCP ports on which processes of the process group `pgid` listen (Linux /proc)."""
+    listening = {}  # socket inode -> port
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        try:
+            rows = table.read_text().splitlines()[1:]
+        except OSError:  # no IPv6
+            continue
+        for row in rows:
+            fields = row.split()  # sl local_address rem_address st ... inode
+            if fields[3] == "0A":  # TCP_LISTEN
+                listening[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+    ports = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            for fd in (entry / "fd").iterdir():
+                link = os.readlink(fd)  # "socket:[<inode>]" for a socket
+                if link.startswith("socket:[") and link[8:-1] in listening:
+                    ports.add(listening[link[8:-1]])
+        except OSError:  # exited meanwhile
+            continue
+    return ports
 
 
 def stop(options: ServerOptions, timeout: float = 30.0) -> bool:
