@@ -148,7 +148,8 @@ def hold_detect(client: Client, pool: ThreadPoolExecutor) -> list[Future]:
 @contextlib.contextmanager
 def serve(repository: Path, run_dir: Path) -> Iterator[Server]:
     """The real Triton server (pip-bundled 2.51 binary) serving `repository` on free loopback ports, for a block."""
-    options = server.on_free_ports(repository=repository, run_dir=run_dir)
+    # Loading every model takes ~2 min on an idle 2-core machine; leave room for a busy one.
+    options = server.on_free_ports(repository=repository, run_dir=run_dir, ready_timeout=600)
     server.start(options)
     try:
         yield Server(options, repository)
