@@ -10,10 +10,11 @@ aiohttp session (a pool of keep-alive connections); it is opened by the first ca
 loop, and closed by `close()` or the `async with` block. Use a client from one event loop.
 
 Cancelling the task that awaits a call cancels the request. Over gRPC the server is told (the RPC is
-cancelled): Triton drops a cancelled request still in its queue, and `whisper` drops a cancelled
-transcription before its next 30 s window (counted in trident_request_errors_total{code="CANCELLED"});
-detect and easyocr finish the batch a request is already in. Over HTTP the connection is closed, and that
-is all: Triton 2.51's HTTP endpoint does not cancel the request, which runs to the end (its answer is dropped).
+cancelled): Triton's batcher skips a cancelled request still in its queue (Triton's request_cancellation.md),
+`whisper` drops a cancelled transcription before its next 30 s window (counted in
+trident_request_errors_total{code="CANCELLED"}), and detect and easyocr finish a batch already running. Over
+HTTP the connection is closed, and that is all: Triton 2.51 cancels no HTTP inference request, so it runs to the
+end and its answer is dropped (tests/test_aio_client.py shows both).
 """
 from __future__ import annotations
 
