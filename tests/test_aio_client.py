@@ -120,8 +120,8 @@ def test_transcribe_equals_sync(triton):
 
 
 @pytest.mark.easyocr
-@pytest.mark.parametrize("protocol, image", [("grpc", DATA / "ocr_en_sign.jpg"),
-                                             ("http", cv2.imread(str(DATA / "ocr_ko_mixed.png")))],
+@pytest.mark.parametrize("protocol, image", [("grpc", DATA / "ocr_en_rotated.png"),
+                                             ("http", cv2.imread(str(DATA / "ocr_en_rotated.png")))],
                          ids=["grpc-path", "http-array"])
 def test_read_text_equals_sync(triton, protocol, image):
     expected = triton.client(protocol).read_text(image)
@@ -130,7 +130,7 @@ def test_read_text_equals_sync(triton, protocol, image):
         return await client.read_text(image), await client.read_text_many([image, image])
 
     alone, many = with_client(triton, protocol, use)
-    assert len(expected) >= 2 and any(line.text for line in expected)
+    assert len(expected) >= 4 and all(line.text for line in expected), "synthetic weights read 8 lines here"
     assert alone == expected
     for served in many:  # batched together: float rounding may differ
         assert [line.text for line in served] == [line.text for line in expected]
