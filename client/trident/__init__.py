@@ -1,4 +1,5 @@
-"""Trident client: `Client(url, protocol)` over tritonclient, and the `trident` command line."""
+"""Trident client: `Client(url, protocol)` over tritonclient, `trident.aio.Client` for asyncio, and the `trident`
+command line."""
 from .client import Client
 from .errors import InvalidInputError, ServerError, ServerUnavailableError, TridentError
 from .results import Detection, DetectResult

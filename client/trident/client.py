@@ -1,19 +1,17 @@
 """`Client`: typed calls to the Trident models over tritonclient (gRPC or HTTP)."""
 from __future__ import annotations
 
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, TypeVar
 
 import numpy as np
 
-from .balancing import channel_args, is_resolver_target
-from .errors import InvalidInputError, ServerError, ServerUnavailableError
-from .inputs import ImageLike, encode_image, read_bytes
-from .results import Detection, DetectResult, Segment, TextLine, Transcription
+from . import calls
+from .inputs import ImageLike
+from .results import DetectResult, TextLine, Transcription
 
-DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+Result = TypeVar("Result")
 
 
 class Client:
@@ -22,23 +20,12 @@ class Client:
     `url` is "host:port", "http://host:port" or "grpc://host:port"; without a port the protocol's default
     (gRPC 8001, HTTP 8000) is used. A gRPC name-resolver target ("dns:///host:8001", "ipv4:a:8001,b:8001")
     spreads requests over every replica it resolves to (`trident.balancing`). `timeout` bounds each request
-    in seconds. Safe to share between threads.
+    in seconds. Safe to share between threads. `trident.aio.Client` is the same client for asyncio.
     """
 
     def __init__(self, url: str = "localhost", protocol: str | None = None, timeout: float = 120.0):
-        self._channel_args = None
-        if is_resolver_target(url):  # "dns:///svc:8001", "ipv4:a:8001,b:8001": gRPC balances over replicas
-            if (protocol or "grpc").lower() != "grpc":
-                raise ValueError(f"{url!r} is a gRPC name-resolver target: protocol must be 'grpc'")
-            address, protocol, self._channel_args = url, "grpc", channel_args()
-        else:
-            scheme, _, address = url.rpartition("://")
-            protocol = (protocol or scheme or "grpc").lower()
-            if protocol not in DEFAULT_PORTS:
-                raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-            if ":" not in address:
-                address = f"{address}:{DEFAULT_PORTS[protocol]}"
-        self.url, self.protocol, self.timeout = address, protocol, timeout
+        self._endpoint = calls.endpoint(url, protocol)
+        self.url, self.protocol, self.timeout = self._endpoint.address, self._endpoint.protocol, timeout
         self._local = threading.local()  # tritonclient's HTTP client is not thread-safe: one per thread
 
     @property
@@ -48,7 +35,7 @@ class Client:
             if self.protocol == "grpc":
                 import tritonclient.grpc as module
 
-                client = module.InferenceServerClient(self.url, channel_args=self._channel_args)
+                client = module.InferenceServerClient(self.url, channel_args=self._endpoint.channel_args)
             else:
                 import tritonclient.http as module
 
@@ -63,12 +50,7 @@ class Client:
         """Send one request (arrays already carry the batch axis) and return the requested outputs."""
         client = self._triton
         module = self._local.module
-        tensors = []
-        for name, array in inputs.items():
-            datatype = "BYTES" if array.dtype == np.object_ else _TRITON_DTYPES[array.dtype.str.lstrip("<>|=")]
-            tensor = module.InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
+        tensors = calls.infer_inputs(module, inputs)
         requested = [module.InferRequestedOutput(name) for name in outputs]
         try:
             if self.protocol == "grpc":
@@ -76,7 +58,7 @@ class Client:
             else:
                 result = client.infer(model, tensors, outputs=requested)
         except Exception as exc:  # noqa: BLE001 - translated to the client's own exception types
-            raise _translate(exc, model) from exc
+            raise calls.translate(exc, model) from exc
         return {name: result.as_numpy(name) for name in outputs}
 
     def health(self) -> dict:
@@ -84,29 +66,18 @@ class Client:
         client = self._triton
         try:
             index = client.get_model_repository_index()
-            if self.protocol == "grpc":
-                index = [{"name": m.name, "state": m.state} for m in index.models]
-            return {"url": self.url, "protocol": self.protocol, "live": client.is_server_live(),
-                    "ready": client.is_server_ready(),
-                    "models": {m["name"]: m.get("state", "") for m in index}}
+            return calls.health_report(self._endpoint, client.is_server_live(), client.is_server_ready(), index)
         except Exception as exc:  # noqa: BLE001
-            raise _translate(exc, "health") from exc
+            raise calls.translate(exc, "health") from exc
+
+    def _send(self, call: calls.Call[Result]) -> Result:
+        return call.parse(self.infer(call.model, call.inputs, call.outputs))
 
     # -- detection -------------------------------------------------------------------------------------------
 
     def detect(self, image: ImageLike, conf: float | None = None, iou: float | None = None) -> DetectResult:
         """Detect objects in one image (path, bytes, PIL image or BGR uint8 array)."""
-        inputs = {"IMAGE": np.array([[encode_image(image)]], dtype=np.object_)}
-        if conf is not None:
-            inputs["CONF_THRESHOLD"] = np.array([[conf]], dtype=np.float32)
-        if iou is not None:
-            inputs["IOU_THRESHOLD"] = np.array([[iou]], dtype=np.float32)
-        out = self.infer("detect", inputs, ["BOXES", "SCORES", "CLASSES", "LABELS"])
-        labels = [label.decode("utf-8") for label in out["LABELS"][0]]
-        return DetectResult([
-            Detection(tuple(float(v) for v in box), float(score), int(cls), label)
-            for box, score, cls, label in zip(out["BOXES"][0], out["SCORES"][0], out["CLASSES"][0], labels)
-        ])
+        return self._send(calls.detect(image, conf, iou))
 
     def detect_many(self, images: Iterable[ImageLike], conf: float | None = None, iou: float | None = None,
                     concurrency: int = 16) -> list[DetectResult]:
@@ -122,21 +93,7 @@ class Client:
         `temperature`: the decoding temperatures tried in turn while a window fails whisper's quality checks
         (server default 0.0, 0.2, ..., 1.0, as whisper.transcribe); `0.0` alone decodes greedily, deterministically.
         """
-        if isinstance(audio, np.ndarray):
-            inputs = {"PCM": np.asarray(audio, dtype=np.float32).reshape(1, -1)}
-        else:
-            inputs = {"AUDIO": np.array([[read_bytes(audio)]], dtype=np.object_)}
-        if language:
-            inputs["LANGUAGE"] = np.array([[language.encode()]], dtype=np.object_)
-        inputs["TASK"] = np.array([[task.encode()]], dtype=np.object_)
-        if temperature is not None:
-            inputs["TEMPERATURE"] = np.array(temperature, dtype=np.float32).reshape(1, -1)
-        out = self.infer("whisper", inputs, ["TEXT", "LANGUAGE", "SEGMENTS"])
-        segments = json.loads(out["SEGMENTS"].reshape(-1)[0])
-        fields = Segment.__dataclass_fields__
-        return Transcription(text=out["TEXT"].reshape(-1)[0].decode("utf-8"),
-                             language=out["LANGUAGE"].reshape(-1)[0].decode("utf-8"),
-                             segments=[Segment(**{k: v for k, v in s.items() if k in fields}) for s in segments])
+        return self._send(calls.transcribe(audio, language, task, temperature))
 
     def transcribe_many(self, audios: Iterable[str | bytes | np.ndarray], language: str | None = None,
                         task: str = "transcribe", temperature: float | Sequence[float] | None = None,
@@ -148,10 +105,7 @@ class Client:
 
     def read_text(self, image: ImageLike) -> list[TextLine]:
         """Read the text lines of one image, in EasyOCR's reading order."""
-        out = self.infer("easyocr", {"IMAGE": np.array([[encode_image(image)]], dtype=np.object_)},
-                         ["BOXES", "TEXTS", "SCORES"])
-        return [TextLine([(float(x), float(y)) for x, y in box], text.decode("utf-8"), float(score))
-                for box, text, score in zip(out["BOXES"][0], out["TEXTS"][0], out["SCORES"][0])]
+        return self._send(calls.read_text(image))
 
     def read_text_many(self, images: Iterable[ImageLike], concurrency: int = 16) -> list[list[TextLine]]:
         """Read text in many images concurrently."""
@@ -162,17 +116,3 @@ class Client:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             return list(pool.map(call, items))
 
-
-_TRITON_DTYPES = {"f4": "FP32", "f2": "FP16", "f8": "FP64", "i4": "INT32", "i8": "INT64", "u1": "UINT8",
-                  "i1": "INT8", "b1": "BOOL"}
-
-
-def _translate(exc: Exception, what: str) -> Exception:
-    """tritonclient's exception (or a socket error) as one of ours, with the server's message."""
-    status = str(getattr(exc, "status", lambda: "")() or "")
-    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
-    if "INVALID_ARGUMENT" in status or status == "400":
-        return InvalidInputError(f"{what}: {message}")
-    if any(s in status for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED")) or isinstance(exc, (OSError, TimeoutError)):
-        return ServerUnavailableError(f"{what}: {message or exc}")
-    return ServerError(f"{what}: {message or exc}")
