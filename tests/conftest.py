@@ -101,6 +101,27 @@ class Server:
             found[(name, model)] = found.get((name, model), 0.0) + float(value)
         return found
 
+    def metrics_after(self, expected: dict[tuple[str, str], float], before: dict, timeout: float = 30.0) -> dict:
+        """metrics() once each counter of `expected` has risen by at least its value since `before`: Triton
+        records a request's statistics after its response is sent, so a client can be answered first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self.metrics()
+            if all(now.get(key, 0.0) - before.get(key, 0.0) >= value for key, value in expected.items()):
+                return now
+            if time.monotonic() > deadline:
+                raise AssertionError(f"counters did not reach {expected} over {before} in {timeout:.0f} s: {now}")
+            time.sleep(0.1)
+
+    def batch_executions(self, model: str) -> tuple[int, dict[int, int]]:
+        """Triton's statistics of `model`: its inference count, and its executions by batch size."""
+        stats = tritonclient.grpc.InferenceServerClient(self.grpc_url).get_inference_statistics(model)
+        counts = {}
+        for entry in stats.model_stats:
+            for batch in entry.batch_stats:
+                counts[batch.batch_size] = counts.get(batch.batch_size, 0) + batch.compute_infer.count
+        return sum(entry.inference_count for entry in stats.model_stats), counts
+
     def instances(self, model: str) -> int:
         """How many instances of `model` the server runs (its loaded config)."""
         config = tritonclient.grpc.InferenceServerClient(self.grpc_url).get_model_config(model, as_json=True)
