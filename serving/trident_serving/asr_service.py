@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 
 from .asr import FRAMES_PER_SECOND, ASROptions, Job, Scheduler, asked
-from .audio import SAMPLE_RATE
+from .audio import MAX_SECONDS, SAMPLE_RATE
 from .errors import Cancelled, Unavailable
 
 log = logging.getLogger("trident")
@@ -32,12 +32,14 @@ class ServiceOptions:
 
     max_windows_per_step: int = 16  # 30 s windows decoded per step, all requests together; 1: no batching
     max_queued_audio_seconds: float = 4 * 3600.0  # audio held by admitted requests (each counts >= 30 s)
+    max_audio_seconds: float = MAX_SECONDS  # one request's audio: longer is refused (a stated length, unread)
 
     @classmethod
     def from_parameters(cls, parameters: dict) -> "ServiceOptions":
         """Read the options from config parameters; a malformed value raises ValueError naming it."""
         values = {}
-        for name, kind in (("max_windows_per_step", int), ("max_queued_audio_seconds", float)):
+        for name, kind in (("max_windows_per_step", int), ("max_queued_audio_seconds", float),
+                           ("max_audio_seconds", float)):
             if parameters.get(name, "") != "":
                 try:
                     values[name] = kind(parameters[name])
@@ -63,7 +65,7 @@ class Transcriber:
                  on_step: Optional[Callable[[], None]] = None):
         self.scheduler = scheduler
         self.respond = respond
-        self.on_step = on_step  # called by the worker after each step (the model publishes its metrics there)
+        self.on_step = on_step  # called by the worker after each step, before it answers that step's jobs
         self.max_queued_audio_seconds = max_queued_audio_seconds
         self.on_dead = on_dead
         self.changed = threading.Condition()  # guards the flags below; notified whenever one changes
@@ -128,12 +130,12 @@ class Transcriber:
                     with self.scheduler.lock:
                         head = self.scheduler.jobs[: self.scheduler.max_windows]
                     finished = self.scheduler.remove(head, exc)  # those jobs fail rather than loop forever
-                self._answer(finished)
-                if self.on_step is not None:
+                if self.on_step is not None:  # before answering: a client that has its answer sees its step
                     try:
                         self.on_step()
                     except Exception:  # noqa: BLE001 - metrics must not stop the worker
                         log.exception("whisper's on_step callback failed")
+                self._answer(finished)
                 with self.changed:
                     self.changed.notify_all()
         except BaseException as exc:  # noqa: BLE001 - recorded: waiting and later requests fail with it
