@@ -235,14 +235,16 @@ def admitted_at_once(transcriber: Transcriber, audio: np.ndarray, what: str, bou
 
 def test_admission_counts_audio_seconds_not_jobs(model):
     """60 s of room: two 30 s jobs are admitted, a third waits (here: its client gives up while it waits)."""
-    transcriber = Transcriber(Scheduler(model), Answers(), max_queued_audio_seconds=60)  # worker not started
+    published = []  # the queued audio each time the model is told a job was admitted (it publishes the gauges)
+    transcriber = Transcriber(Scheduler(model), Answers(), max_queued_audio_seconds=60,  # worker not started
+                              on_admit=lambda: published.append(transcriber.scheduler.stats.queued_audio_seconds))
     assert held_seconds(5 * SAMPLE_RATE) == 30 and held_seconds(95 * SAMPLE_RATE) == 95
     first = admitted_at_once(transcriber, noise(5), "the first 30 s of 60")
     admitted_at_once(transcriber, noise(20, 1), "the second 30 s of 60")
-    assert transcriber.scheduler.stats.queued_audio_seconds == 60
+    assert transcriber.scheduler.stats.queued_audio_seconds == 60 and published == [30, 60]
     with pytest.raises(Cancelled):
         transcriber.submit(noise(1, 2), FAST, cancelled=lambda: True)  # could not be admitted
-    assert transcriber.scheduler.stats.active_jobs == 2
+    assert transcriber.scheduler.stats.active_jobs == 2 and published == [30, 60]
     while not first.done:
         transcriber.scheduler.step()
     transcriber.submit(noise(1, 2), FAST, cancelled=lambda: True)  # room again: admitted at once

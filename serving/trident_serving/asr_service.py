@@ -62,10 +62,12 @@ class Transcriber:
     def __init__(self, scheduler: Scheduler, respond: Callable[[Job], None],
                  max_queued_audio_seconds: float = ServiceOptions.max_queued_audio_seconds,
                  on_dead: Optional[Callable[[BaseException], None]] = None,
-                 on_step: Optional[Callable[[], None]] = None):
+                 on_step: Optional[Callable[[], None]] = None, on_admit: Optional[Callable[[], None]] = None):
         self.scheduler = scheduler
         self.respond = respond
-        self.on_step = on_step  # called by the worker after each step, before it answers that step's jobs
+        # Where the model publishes its metrics: on_step is called by the worker after each step, before it answers
+        # that step's jobs (a client that has its answer sees its step); on_admit by `submit` once a job is admitted.
+        self.on_step, self.on_admit = on_step, on_admit
         self.max_queued_audio_seconds = max_queued_audio_seconds
         self.on_dead = on_dead
         self.changed = threading.Condition()  # guards the flags below; notified whenever one changes
@@ -105,6 +107,7 @@ class Transcriber:
         with self.changed:
             if self.stopped and self.scheduler.remove([job]):
                 self._check_available()  # the worker stopped before it could see this job: not admitted
+        _notify(self.on_admit)
         return job
 
     def _check_available(self) -> None:
@@ -130,11 +133,7 @@ class Transcriber:
                     with self.scheduler.lock:
                         head = self.scheduler.jobs[: self.scheduler.max_windows]
                     finished = self.scheduler.remove(head, exc)  # those jobs fail rather than loop forever
-                if self.on_step is not None:  # before answering: a client that has its answer sees its step
-                    try:
-                        self.on_step()
-                    except Exception:  # noqa: BLE001 - metrics must not stop the worker
-                        log.exception("whisper's on_step callback failed")
+                _notify(self.on_step)  # before answering
                 self._answer(finished)
                 with self.changed:
                     self.changed.notify_all()
@@ -175,3 +174,12 @@ class Transcriber:
                 log.warning("whisper's worker is still in a step after %.0f s; it answers its jobs when done", timeout)
         else:
             self._run()  # never started: answer anything queued, from this thread
+
+
+def _notify(callback: Optional[Callable[[], None]]) -> None:
+    """Call a metrics callback; its failure is logged, never raised (metrics must not fail requests or the worker)."""
+    if callback is not None:
+        try:
+            callback()
+        except Exception:  # noqa: BLE001
+            log.exception("a whisper metrics callback failed")

@@ -41,7 +41,8 @@ class TritonPythonModel:
         triton.memory_checkpoint("loaded")
         scheduler = Scheduler(model, max_windows=options.max_windows_per_step)  # fp16 on GPU, fp32 on CPU
         self.transcriber = Transcriber(scheduler, self.respond, options.max_queued_audio_seconds, on_dead=end_stub,
-                                       on_step=lambda: metrics.publish_whisper_step(self.metrics, scheduler.stats))
+                                       on_step=lambda: metrics.publish_whisper_step(self.metrics, scheduler.stats),
+                                       on_admit=lambda: metrics.publish_whisper_queue(self.metrics, scheduler.stats))
         self.transcriber.start()
 
     def parse(self, request):
