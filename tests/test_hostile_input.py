@@ -331,8 +331,8 @@ def test_whisper_options_in_other_cases(triton):
                 for task in ("transcribe", "translate")}
     assert expected["transcribe"]["text"] != expected["translate"]["text"], "the task must change this transcript"
     client = triton.client("grpc")
-    for language, task in (("KO", "TRANSCRIBE"), ("Korean", "Transcribe"), ("KOREAN", "transcribe"),
-                           ("ko", "Translate"), ("korean", "TRANSLATE")):
+    variants = (("KO", "TRANSCRIBE"), ("Korean", "Transcribe"), ("ko", "Translate"), ("KOREAN", "TRANSLATE"))
+    for language, task in variants:
         served = client.transcribe(data, language=language, task=task, temperature=[0.0])
         assert served.language == "ko", (language, task)
         assert_same(served, expected[task.lower()])
@@ -351,9 +351,10 @@ CAPPED_AUDIO_SECONDS = 60
 
 @pytest.fixture(scope="module")
 def capped_whisper(triton):
-    """The session server's `whisper` loaded with max_audio_seconds=60 and no warm-up (Triton's load with a
-    config override), while this module needs it; the exported config is loaded back afterwards. Nothing to do
-    when whisper is not among the models under test."""
+    """The session server's `whisper` loaded with max_audio_seconds=60 (Triton's load with a config override),
+    while this module needs it; its exported parameters are loaded back afterwards (a plain load would keep the
+    override: the files did not change). Both loads skip the warm-up, which only costs time here and in the
+    later tests. Nothing to do when whisper is not under test."""
     import tritonclient.http as httpclient
     from conftest import selected_models
 
@@ -361,17 +362,20 @@ def capped_whisper(triton):
         yield
         return
     admin = httpclient.InferenceServerClient(triton.http_url, network_timeout=600)
-    config = admin.get_model_config("whisper")
-    assert config["parameters"]["max_audio_seconds"] == {"string_value": "7200"}, config["parameters"]
-    config["parameters"]["max_audio_seconds"] = {"string_value": str(CAPPED_AUDIO_SECONDS)}
-    config.pop("model_warmup")  # only costs time here
-    admin.load_model("whisper", config=json.dumps(config))
+    exported = admin.get_model_config("whisper")
+    assert exported["parameters"]["max_audio_seconds"] == {"string_value": "7200"}, exported["parameters"]
+    def without_warmup(config: dict) -> dict:
+        return {key: value for key, value in config.items() if key != "model_warmup"}
+
+    restored = without_warmup(exported)
+    capped = {**restored, "parameters": {**exported["parameters"],
+                                         "max_audio_seconds": {"string_value": str(CAPPED_AUDIO_SECONDS)}}}
+    admin.load_model("whisper", config=json.dumps(capped))
     try:
         yield
     finally:
-        admin.load_model("whisper")  # config.pbtxt again, warm-up included
-        restored = admin.get_model_config("whisper")
-        assert restored["parameters"]["max_audio_seconds"] == {"string_value": "7200"} and restored["model_warmup"]
+        admin.load_model("whisper", config=json.dumps(restored))
+        assert without_warmup(admin.get_model_config("whisper")) == restored
 
 
 @pytest.mark.whisper
