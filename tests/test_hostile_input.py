@@ -358,6 +358,8 @@ def capped_whisper(triton):
     import tritonclient.http as httpclient
     from conftest import selected_models
 
+    from trident_serving import supervisor
+
     if "whisper" not in selected_models():
         yield
         return
@@ -370,11 +372,16 @@ def capped_whisper(triton):
     restored = without_warmup(exported)
     capped = {**restored, "parameters": {**exported["parameters"],
                                          "max_audio_seconds": {"string_value": str(CAPPED_AUDIO_SECONDS)}}}
-    admin.load_model("whisper", config=json.dumps(capped))
+    def load(config: dict) -> None:
+        admin.load_model("whisper", config=json.dumps(config))  # returns once the new copy is READY
+        ready, why = supervisor.check(triton.http_url)
+        assert ready, f"the server is not ready after loading whisper with a config override: {why}"
+
+    load(capped)
     try:
         yield
     finally:
-        admin.load_model("whisper", config=json.dumps(restored))
+        load(restored)
         assert without_warmup(admin.get_model_config("whisper")) == restored
 
 
