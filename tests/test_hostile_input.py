@@ -353,8 +353,8 @@ CAPPED_AUDIO_SECONDS = 60
 def capped_whisper(triton):
     """The session server's `whisper` loaded with max_audio_seconds=60 (Triton's load with a config override),
     while this module needs it; its exported parameters are loaded back afterwards (a plain load would keep the
-    override: the files did not change). Both loads skip the warm-up, which only costs time here and in the
-    later tests. Nothing to do when whisper is not under test."""
+    override: the files did not change). Both loads skip the warm-up: it only spares the first request some
+    latency, which no later test measures. Nothing to do when whisper is not under test."""
     import tritonclient.http as httpclient
     from conftest import selected_models
 
@@ -366,23 +366,22 @@ def capped_whisper(triton):
     admin = httpclient.InferenceServerClient(triton.http_url, network_timeout=600)
     exported = admin.get_model_config("whisper")
     assert exported["parameters"]["max_audio_seconds"] == {"string_value": "7200"}, exported["parameters"]
-    def without_warmup(config: dict) -> dict:
-        return {key: value for key, value in config.items() if key != "model_warmup"}
-
-    restored = without_warmup(exported)
+    restored = {key: value for key, value in exported.items() if key != "model_warmup"}
     capped = {**restored, "parameters": {**exported["parameters"],
                                          "max_audio_seconds": {"string_value": str(CAPPED_AUDIO_SECONDS)}}}
-    def load(config: dict) -> None:
-        admin.load_model("whisper", config=json.dumps(config))  # returns once the new copy is READY
+
+    def load(config: dict) -> dict:
+        """Load `config` (returns once the new copy is READY); the config now served, warm-up aside."""
+        admin.load_model("whisper", config=json.dumps(config))
         ready, why = supervisor.check(triton.http_url)
         assert ready, f"the server is not ready after loading whisper with a config override: {why}"
+        return {key: value for key, value in admin.get_model_config("whisper").items() if key != "model_warmup"}
 
-    load(capped)
+    assert load(capped) == capped
     try:
         yield
     finally:
-        load(restored)
-        assert without_warmup(admin.get_model_config("whisper")) == restored
+        assert load(restored) == restored
 
 
 @pytest.mark.whisper
