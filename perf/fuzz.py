@@ -63,7 +63,7 @@ class FuzzOptions:
     seed: int = 0
     models: tuple[str, ...] = MODELS
     concurrency: int = 4  # requests in flight: bad inputs share batches with other requests
-    timeout: float = 300.0  # per request; a mutated WAV header may legitimately ask for minutes of audio
+    timeout: float = 300.0  # per request; a mutated header may state up to whisper's max_audio_seconds (2 h)
     server_pid: int | None = None  # tritonserver (or its supervisor): stub PIDs are compared before and after
     max_seconds: float | None = None  # send no new case after this long (the report says how many were sent)
     out: Path | None = None  # where failing inputs and the JSON summary go

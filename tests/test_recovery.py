@@ -3,6 +3,7 @@ whose stubs are SIGKILLed under load (a server of its own: the shared test serve
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -114,14 +116,40 @@ def test_supervisor_returns_the_servers_exit_status(command, status):
     assert "without --model-control-mode=explicit" in done.stderr  # says it cannot repair this server
 
 
+def wait_for_line(stream: IO[str], wanted: str, timeout: float) -> str:
+    """The first line of a child's pipe that contains `wanted`. A daemon thread reads the pipe, so a child that
+    stays silent fails the test after `timeout` s rather than blocking a readline() for ever."""
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)  # end of file: the child closed the pipe or exited
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline, seen = time.monotonic() + timeout, []
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail(f"no line containing {wanted!r} within {timeout:.0f} s; read so far: {seen}")
+        if line is None:
+            pytest.fail(f"the pipe closed without a line containing {wanted!r}; read: {seen}")
+        if wanted in line:
+            return line
+        seen.append(line)
+
+
 def test_supervisor_forwards_sigterm():
     process = subprocess.Popen([sys.executable, "-m", "trident_serving.supervisor", "--", "sleep", "60"],
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not any(line for line in [process.stderr.readline()] if "supervising" in line):
-        assert time.monotonic() < deadline
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    try:
+        wait_for_line(process.stderr, "supervising", timeout=30)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_supervisor_arguments():
@@ -171,22 +199,29 @@ def recovery_server(repository, tmp_path_factory):
 
 
 class Load:
-    """Clients calling every model of the server in a loop, recording (model, start, end, outcome) per call."""
+    """Clients calling every model of the server in a loop, recording (model, start, end, outcome) per call.
+
+    The client's own errors are outcomes; anything else a thread raises (a bug in the client or here) stops that
+    thread and fails the test when the block ends, instead of silently thinning the load."""
 
     def __init__(self, triton, models: list[str]):
         self.client = triton.client("grpc")
         self.models, self.calls, self.stop = models, [], threading.Event()
+        self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self.loop, args=(m,)) for m in models for _ in range(2)]
 
     def loop(self, model: str) -> None:
-        while not self.stop.is_set():
-            start = time.monotonic()
-            try:
-                CALLS[model](self.client)
-                outcome = "ok"
-            except (ServerError, ServerUnavailableError, InvalidInputError) as exc:
-                outcome = f"{type(exc).__name__}: {exc}"
-            self.calls.append((model, start, time.monotonic(), outcome))
+        try:
+            while not self.stop.is_set():
+                start = time.monotonic()
+                try:
+                    CALLS[model](self.client)
+                    outcome = "ok"
+                except (ServerError, ServerUnavailableError, InvalidInputError) as exc:
+                    outcome = f"{type(exc).__name__}: {exc}"
+                self.calls.append((model, start, time.monotonic(), outcome))
+        except BaseException as exc:  # noqa: BLE001 - collected, raised in the test's thread by __exit__
+            self.errors.append(exc)
 
     def __enter__(self) -> "Load":
         for thread in self.threads:
@@ -198,6 +233,8 @@ class Load:
         for thread in self.threads:
             thread.join(timeout=150)
         assert not any(t.is_alive() for t in self.threads), "a request hung"
+        if self.errors:
+            raise AssertionError(f"{len(self.errors)} load thread(s) died: {self.errors!r}") from self.errors[0]
 
 
 @pytest.mark.parametrize("victim", [pytest.param(m, marks=getattr(pytest.mark, FAMILY[m])) for m in CALLS])
@@ -261,7 +298,7 @@ def test_stop_removes_the_shared_memory_regions_left_by_killed_processes():
                                "m = mmap.mmap(f.fileno(), 0)\nprint('mapped', flush=True)\ntime.sleep(120)",
                                str(live)], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "mapped"
+        wait_for_line(holder.stdout, "mapped", timeout=60)
         assert server.remove_stale_shared_memory(since=time.time() + 60) == []  # created before: not judged
         removed = server.remove_stale_shared_memory(since=since)
         assert stale.name in removed and not stale.exists()

@@ -6,6 +6,7 @@ model decodes at most a few tokens per window (`sample_len`), so each test takes
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -74,12 +75,16 @@ def test_one_window_per_step_is_no_batching(model):
 
 def test_service_options_from_config_parameters():
     assert ServiceOptions.from_parameters({}) == ServiceOptions()
-    options = ServiceOptions.from_parameters({"max_windows_per_step": "1", "max_queued_audio_seconds": "90"})
-    assert (options.max_windows_per_step, options.max_queued_audio_seconds) == (1, 90.0)
+    assert ServiceOptions().max_audio_seconds == 7200  # audio.MAX_SECONDS: two hours unless configured
+    options = ServiceOptions.from_parameters({"max_windows_per_step": "1", "max_queued_audio_seconds": "90",
+                                              "max_audio_seconds": "60"})
+    assert (options.max_windows_per_step, options.max_queued_audio_seconds, options.max_audio_seconds) == (1, 90, 60)
     with pytest.raises(ValueError, match="max_windows_per_step"):
         ServiceOptions.from_parameters({"max_windows_per_step": "many"})
     with pytest.raises(ValueError, match="at least 1"):
         ServiceOptions.from_parameters({"max_windows_per_step": "0"})
+    with pytest.raises(ValueError, match="max_audio_seconds must be a number, got 'two hours'"):
+        ServiceOptions.from_parameters({"max_audio_seconds": "two hours"})
 
 
 def test_log_mel_is_stored_compactly_without_changing_a_window(model):
@@ -218,29 +223,43 @@ class Answers:
             return self.changed.wait_for(lambda: len(self.jobs) >= count, timeout)
 
 
+def admitted_at_once(transcriber: Transcriber, audio: np.ndarray, what: str, bound: float = 10.0):
+    """`transcriber.submit(audio)` that is expected not to wait: its `cancelled` turns true after `bound` seconds,
+    so a wrong admission rule fails the test with a clear message instead of hanging it."""
+    deadline = time.monotonic() + bound
+    try:
+        return transcriber.submit(audio, FAST, cancelled=lambda: time.monotonic() > deadline)
+    except Cancelled:
+        pytest.fail(f"{what} was not admitted within {bound:.0f} s")
+
+
 def test_admission_counts_audio_seconds_not_jobs(model):
     """60 s of room: two 30 s jobs are admitted, a third waits (here: its client gives up while it waits)."""
-    transcriber = Transcriber(Scheduler(model), Answers(), max_queued_audio_seconds=60)  # worker not started
+    published = []  # the queued audio each time the model is told a job was admitted (it publishes the gauges)
+    transcriber = Transcriber(Scheduler(model), Answers(), max_queued_audio_seconds=60,  # worker not started
+                              on_admit=lambda: published.append(transcriber.scheduler.stats.queued_audio_seconds))
     assert held_seconds(5 * SAMPLE_RATE) == 30 and held_seconds(95 * SAMPLE_RATE) == 95
-    first = transcriber.submit(noise(5), FAST)
-    transcriber.submit(noise(20, 1), FAST)
-    assert transcriber.scheduler.stats.queued_audio_seconds == 60
+    first = admitted_at_once(transcriber, noise(5), "the first 30 s of 60")
+    admitted_at_once(transcriber, noise(20, 1), "the second 30 s of 60")
+    assert transcriber.scheduler.stats.queued_audio_seconds == 60 and published == [30, 60]
     with pytest.raises(Cancelled):
         transcriber.submit(noise(1, 2), FAST, cancelled=lambda: True)  # could not be admitted
-    assert transcriber.scheduler.stats.active_jobs == 2
+    assert transcriber.scheduler.stats.active_jobs == 2 and published == [30, 60]
     while not first.done:
         transcriber.scheduler.step()
     transcriber.submit(noise(1, 2), FAST, cancelled=lambda: True)  # room again: admitted at once
     big = Transcriber(Scheduler(model), Answers(), max_queued_audio_seconds=60)
-    big.submit(noise(95), FAST)  # longer than the whole limit: runs alone rather than never
-    with pytest.raises(InvalidInput, match="TASK|task"):
+    # longer than the whole limit: runs alone rather than never (a wrong rule would wait for ever)
+    admitted_at_once(big, noise(95), "a request longer than max_queued_audio_seconds, to an empty transcriber,")
+    with pytest.raises(InvalidInput, match="unknown task 'summarize': use one of transcribe, translate"):
         big.submit(noise(1), ASROptions(task="summarize"))
 
 
 def test_worker_survives_a_failing_step_and_answers_everyone(model):
     answers = Answers()
     scheduler = Scheduler(model)
-    transcriber = Transcriber(scheduler, answers)
+    published = []  # answers given when each step's metrics were published
+    transcriber = Transcriber(scheduler, answers, on_step=lambda: published.append(len(answers.jobs)))
     real_step, failures = scheduler.step, [RuntimeError("bookkeeping bug (simulated)")]
 
     def step():
@@ -252,6 +271,7 @@ def test_worker_survives_a_failing_step_and_answers_everyone(model):
     broken = transcriber.submit(noise(2), FAST)
     transcriber.start()
     assert answers.wait(1) and "simulated" in str(broken.error)
+    assert published[0] == 0, "a step's metrics must be published before its jobs are answered"
     later = [transcriber.submit(noise(2, seed), FAST) for seed in (1, 2)]
     assert answers.wait(3) and transcriber.alive
     transcriber.close()

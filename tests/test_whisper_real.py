@@ -21,6 +21,7 @@ import pytest
 from conftest import Server, serve
 from trident import Client
 from real_speech import TRUTH, edit_distance, faster_whisper_transcripts, language_of, load_clip
+from test_whisper import shared_steps, worker_metrics
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
 from export import __main__ as export_main
@@ -130,12 +131,15 @@ def test_http_equals_grpc(real, alone, clips):
 
 
 def test_batched_answers_equal_alone_answers(real, alone, clips):
-    """All clips at once: they share the encoder and decoder batches, and get what they got alone."""
+    """All clips at once: they share the encoder and decoder batches (the worker's step histogram shows steps of
+    more than one window), and get what they got alone."""
     grpc = client(real, "grpc")
     names = list(clips)
+    before = worker_metrics(real)
     with ThreadPoolExecutor(len(names)) as pool:
         results = list(pool.map(lambda n: grpc.transcribe(clips[n], language=sent_language(n),
                                                             temperature=GREEDY), names))
+    assert shared_steps(worker_metrics(real)) > shared_steps(before), "no step decoded two clips' windows together"
     for name, result in zip(names, results):
         assert result.text == alone[name].text and result.language == alone[name].language
         assert [(s.start, s.end, s.text) for s in result.segments] == \

@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 
 from .asr import FRAMES_PER_SECOND, ASROptions, Job, Scheduler, asked
-from .audio import SAMPLE_RATE
+from .audio import MAX_SECONDS, SAMPLE_RATE
 from .errors import Cancelled, Unavailable
 
 log = logging.getLogger("trident")
@@ -32,12 +32,14 @@ class ServiceOptions:
 
     max_windows_per_step: int = 16  # 30 s windows decoded per step, all requests together; 1: no batching
     max_queued_audio_seconds: float = 4 * 3600.0  # audio held by admitted requests (each counts >= 30 s)
+    max_audio_seconds: float = MAX_SECONDS  # one request's audio: longer is refused (a stated length, unread)
 
     @classmethod
     def from_parameters(cls, parameters: dict) -> "ServiceOptions":
         """Read the options from config parameters; a malformed value raises ValueError naming it."""
         values = {}
-        for name, kind in (("max_windows_per_step", int), ("max_queued_audio_seconds", float)):
+        for name, kind in (("max_windows_per_step", int), ("max_queued_audio_seconds", float),
+                           ("max_audio_seconds", float)):
             if parameters.get(name, "") != "":
                 try:
                     values[name] = kind(parameters[name])
@@ -60,10 +62,12 @@ class Transcriber:
     def __init__(self, scheduler: Scheduler, respond: Callable[[Job], None],
                  max_queued_audio_seconds: float = ServiceOptions.max_queued_audio_seconds,
                  on_dead: Optional[Callable[[BaseException], None]] = None,
-                 on_step: Optional[Callable[[], None]] = None):
+                 on_step: Optional[Callable[[], None]] = None, on_admit: Optional[Callable[[], None]] = None):
         self.scheduler = scheduler
         self.respond = respond
-        self.on_step = on_step  # called by the worker after each step (the model publishes its metrics there)
+        # Where the model publishes its metrics: on_step is called by the worker after each step, before it answers
+        # that step's jobs (a client that has its answer sees its step); on_admit by `submit` once a job is admitted.
+        self.on_step, self.on_admit = on_step, on_admit
         self.max_queued_audio_seconds = max_queued_audio_seconds
         self.on_dead = on_dead
         self.changed = threading.Condition()  # guards the flags below; notified whenever one changes
@@ -103,6 +107,7 @@ class Transcriber:
         with self.changed:
             if self.stopped and self.scheduler.remove([job]):
                 self._check_available()  # the worker stopped before it could see this job: not admitted
+        _notify(self.on_admit)
         return job
 
     def _check_available(self) -> None:
@@ -128,12 +133,8 @@ class Transcriber:
                     with self.scheduler.lock:
                         head = self.scheduler.jobs[: self.scheduler.max_windows]
                     finished = self.scheduler.remove(head, exc)  # those jobs fail rather than loop forever
+                _notify(self.on_step)  # before answering
                 self._answer(finished)
-                if self.on_step is not None:
-                    try:
-                        self.on_step()
-                    except Exception:  # noqa: BLE001 - metrics must not stop the worker
-                        log.exception("whisper's on_step callback failed")
                 with self.changed:
                     self.changed.notify_all()
         except BaseException as exc:  # noqa: BLE001 - recorded: waiting and later requests fail with it
@@ -173,3 +174,12 @@ class Transcriber:
                 log.warning("whisper's worker is still in a step after %.0f s; it answers its jobs when done", timeout)
         else:
             self._run()  # never started: answer anything queued, from this thread
+
+
+def _notify(callback: Optional[Callable[[], None]]) -> None:
+    """Call a metrics callback; its failure is logged, never raised (metrics must not fail requests or the worker)."""
+    if callback is not None:
+        try:
+            callback()
+        except Exception:  # noqa: BLE001
+            log.exception("a whisper metrics callback failed")

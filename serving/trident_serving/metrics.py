@@ -12,6 +12,7 @@ creates its metrics, not when this module is imported.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -85,6 +86,7 @@ class ModelMetrics:
         self._families: dict[str, Any] = {}
         self._metrics: dict[tuple, Any] = {}
         self._shares: dict[str, float] = {}
+        self.lock = threading.Lock()  # for callers that publish the same gauges from several threads
         for spec in specs:
             self._families[spec.name] = pb_utils.MetricFamily(name=spec.name, description=spec.help,
                                                               kind=kinds[spec.kind])
@@ -129,9 +131,17 @@ class ModelMetrics:
             self._shares[spec.name] = float(value)
 
 
+def publish_whisper_queue(metrics: ModelMetrics, stats: Any) -> None:
+    """When a whisper job is admitted (an `execute` thread) or after a step (the worker): the active-jobs and
+    queued-audio gauges from the scheduler's tallies (trident_serving.asr.SchedulerStats). Read and published
+    under one lock, so the value published last is the latest one."""
+    with metrics.lock:
+        metrics.set(WHISPER_ACTIVE, stats.active_jobs)
+        metrics.set(WHISPER_QUEUED_AUDIO, stats.queued_audio_seconds)
+
+
 def publish_whisper_step(metrics: ModelMetrics, stats: Any) -> None:
-    """After one whisper worker step: publish the scheduler's tallies (trident_serving.asr.SchedulerStats)."""
+    """After one whisper worker step: publish the scheduler's tallies."""
     metrics.observe(WHISPER_STEP_WINDOWS, stats.last_step_windows)
     metrics.count_to(WHISPER_FALLBACKS, stats.fallbacks)
-    metrics.set(WHISPER_ACTIVE, stats.active_jobs)
-    metrics.set(WHISPER_QUEUED_AUDIO, stats.queued_audio_seconds)
+    publish_whisper_queue(metrics, stats)

@@ -33,6 +33,7 @@ class TritonPythonModel:
         if not name or not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"whisper checkpoint {checkpoint!r} not found: run `python -m export whisper`")
         options = ServiceOptions.from_parameters(parameters)
+        self.max_audio_seconds = options.max_audio_seconds
         device = triton.device(args)
         model = whisper.load_model(checkpoint, device="cpu")
         if device != "cpu":  # fp16 weights, cast once on the CPU: same numbers as whisper's casts, half the memory
@@ -40,7 +41,8 @@ class TritonPythonModel:
         triton.memory_checkpoint("loaded")
         scheduler = Scheduler(model, max_windows=options.max_windows_per_step)  # fp16 on GPU, fp32 on CPU
         self.transcriber = Transcriber(scheduler, self.respond, options.max_queued_audio_seconds, on_dead=end_stub,
-                                       on_step=lambda: metrics.publish_whisper_step(self.metrics, scheduler.stats))
+                                       on_step=lambda: metrics.publish_whisper_step(self.metrics, scheduler.stats),
+                                       on_admit=lambda: metrics.publish_whisper_queue(self.metrics, scheduler.stats))
         self.transcriber.start()
 
     def parse(self, request):
@@ -49,12 +51,12 @@ class TritonPythonModel:
         if (audio is None) == (pcm is None):
             raise InvalidInput("send exactly one of AUDIO (an encoded audio file) or PCM (16 kHz mono float32)")
         if audio is not None:
-            samples = decode_audio(audio, "AUDIO")
+            samples = decode_audio(audio, "AUDIO", self.max_audio_seconds)
         else:
             array = pcm.as_numpy()
             if array.shape[0] != 1:
                 raise InvalidInput(f"PCM must hold one audio per request, got shape {list(array.shape)}")
-            samples = check_pcm(array[0], "PCM")
+            samples = check_pcm(array[0], "PCM", self.max_audio_seconds)
         language = triton.text_input(request, "LANGUAGE", "") or None
         temperature = pb_utils.get_input_tensor_by_name(request, "TEMPERATURE")
         temperatures = ASROptions.temperatures if temperature is None else tuple(temperature.as_numpy().ravel().tolist())
