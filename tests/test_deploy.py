@@ -31,7 +31,7 @@ ENV = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines
            if line.strip() and not line.startswith("#"))
 METADATA = {"task": "detect", "stride": 32, "imgsz": [640, 640], "batch": 1, "dynamic": False,
             "names": {i: f"class{i}" for i in range(80)}}
-FP_BYTES = {"TYPE_FP32": 4, "TYPE_INT32": 4, "TYPE_FP16": 2}
+FP_BYTES = {"TYPE_FP32": 4, "TYPE_INT32": 4, "TYPE_FP16": 2, "TYPE_BOOL": 1}
 
 
 def parse_config(text: str) -> model_config_pb2.ModelConfig:

@@ -116,33 +116,23 @@ class Client:
     # -- speech ------------------------------------------------------------------------------------------------
 
     def transcribe(self, audio: str | bytes | np.ndarray, language: str | None = None, task: str = "transcribe",
-                   temperature: float | Sequence[float] | None = None) -> Transcription:
+                   temperature: float | Sequence[float] | None = None,
+                   word_timestamps: bool = False) -> Transcription:
         """Transcribe (or translate to English) an audio file path, encoded bytes, or 16 kHz mono float samples.
 
         `temperature`: the decoding temperatures tried in turn while a window fails whisper's quality checks
         (server default 0.0, 0.2, ..., 1.0, as whisper.transcribe); `0.0` alone decodes greedily, deterministically.
+        `word_timestamps`: also time each word (`Segment.words`), as whisper.transcribe(word_timestamps=True).
         """
-        if isinstance(audio, np.ndarray):
-            inputs = {"PCM": np.asarray(audio, dtype=np.float32).reshape(1, -1)}
-        else:
-            inputs = {"AUDIO": np.array([[read_bytes(audio)]], dtype=np.object_)}
-        if language:
-            inputs["LANGUAGE"] = np.array([[language.encode()]], dtype=np.object_)
-        inputs["TASK"] = np.array([[task.encode()]], dtype=np.object_)
-        if temperature is not None:
-            inputs["TEMPERATURE"] = np.array(temperature, dtype=np.float32).reshape(1, -1)
-        out = self.infer("whisper", inputs, ["TEXT", "LANGUAGE", "SEGMENTS"])
-        segments = json.loads(out["SEGMENTS"].reshape(-1)[0])
-        fields = Segment.__dataclass_fields__
-        return Transcription(text=out["TEXT"].reshape(-1)[0].decode("utf-8"),
-                             language=out["LANGUAGE"].reshape(-1)[0].decode("utf-8"),
-                             segments=[Segment(**{k: v for k, v in s.items() if k in fields}) for s in segments])
+        inputs = transcription_inputs(audio, language, task, temperature, word_timestamps)
+        return transcription_result(self.infer("whisper", inputs, TRANSCRIPTION_OUTPUTS))
 
     def transcribe_many(self, audios: Iterable[str | bytes | np.ndarray], language: str | None = None,
                         task: str = "transcribe", temperature: float | Sequence[float] | None = None,
-                        concurrency: int = 16) -> list[Transcription]:
+                        concurrency: int = 16, word_timestamps: bool = False) -> list[Transcription]:
         """Transcribe many audio inputs concurrently."""
-        return self._map(lambda audio: self.transcribe(audio, language, task, temperature), audios, concurrency)
+        return self._map(lambda audio: self.transcribe(audio, language, task, temperature, word_timestamps),
+                         audios, concurrency)
 
     # -- OCR ---------------------------------------------------------------------------------------------------
 
@@ -161,6 +151,34 @@ class Client:
     def _map(call, items, concurrency: int) -> list:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             return list(pool.map(call, items))
+
+
+TRANSCRIPTION_OUTPUTS = ("TEXT", "LANGUAGE", "SEGMENTS")
+
+
+def transcription_inputs(audio: str | bytes | np.ndarray, language: str | None = None, task: str = "transcribe",
+                         temperature: float | Sequence[float] | None = None,
+                         word_timestamps: bool = False) -> dict[str, np.ndarray]:
+    """The `whisper` request's inputs (batch axis included) for `Client.transcribe`'s arguments."""
+    if isinstance(audio, np.ndarray):
+        inputs = {"PCM": np.asarray(audio, dtype=np.float32).reshape(1, -1)}
+    else:
+        inputs = {"AUDIO": np.array([[read_bytes(audio)]], dtype=np.object_)}
+    if language:
+        inputs["LANGUAGE"] = np.array([[language.encode()]], dtype=np.object_)
+    inputs["TASK"] = np.array([[task.encode()]], dtype=np.object_)
+    if temperature is not None:
+        inputs["TEMPERATURE"] = np.array(temperature, dtype=np.float32).reshape(1, -1)
+    if word_timestamps:
+        inputs["WORD_TIMESTAMPS"] = np.array([[True]])
+    return inputs
+
+
+def transcription_result(outputs: dict[str, np.ndarray]) -> Transcription:
+    """The `Transcription` in a `whisper` response's TRANSCRIPTION_OUTPUTS."""
+    text, language, segments = (outputs[name].reshape(-1)[0] for name in TRANSCRIPTION_OUTPUTS)
+    return Transcription(text=text.decode("utf-8"), language=language.decode("utf-8"),
+                         segments=[Segment.from_dict(s) for s in json.loads(segments)])
 
 
 _TRITON_DTYPES = {"f4": "FP32", "f2": "FP16", "f8": "FP64", "i4": "INT32", "i8": "INT64", "u1": "UINT8",

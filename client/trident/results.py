@@ -42,6 +42,18 @@ class DetectResult:
 
 
 @dataclass
+class Word:
+    """One word of a segment (asked for with `word_timestamps=True`); times in seconds from the start of the audio.
+
+    `word` keeps whisper's spelling: a leading space, attached punctuation ("Hello," and " world.")."""
+
+    word: str
+    start: float
+    end: float
+    probability: float  # the mean probability of the word's tokens
+
+
+@dataclass
 class Segment:
     """One transcribed segment; times in seconds from the start of the audio."""
 
@@ -51,6 +63,13 @@ class Segment:
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
     temperature: float | None = None  # the temperature the segment's window was decoded at (> 0: fell back)
+    words: list[Word] = field(default_factory=list)  # empty unless word timestamps were asked for
+
+    @classmethod
+    def from_dict(cls, segment: dict) -> "Segment":
+        """A segment of the `whisper` model's SEGMENTS JSON (keys it does not know are ignored)."""
+        fields = {k: v for k, v in segment.items() if k in cls.__dataclass_fields__ and k != "words"}
+        return cls(**fields, words=[Word(**w) for w in segment.get("words", [])])
 
 
 @dataclass
