@@ -12,6 +12,10 @@ the line, so with N unfinished audios each one advances at least every ceil(N / 
 audio finishes after a bounded number of steps however many long ones run (shortest-remaining-first would
 answer short audios sooner but can starve a long one forever under a steady stream of short ones).
 
+Word timestamps (`ASROptions.word_timestamps`) are whisper.transcribe's too: after its window is decoded, each
+such job's text is aligned by `whisper.timing.add_word_timestamps` on the encoder output the step already holds
+(`EncodedWindow`), one job at a time, and its next window starts at its last word as in transcribe.
+
 Failures stay local: a step that raises (e.g. CUDA out of memory) is retried in halves, down to one job, and
 only a job that fails alone is failed (`Job.error`); a job whose caller gave up (`cancelled()`) leaves at the next
 step without using a window.
