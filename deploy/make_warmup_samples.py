@@ -51,6 +51,7 @@ def main() -> None:
     write("whisper", "audio", string_element(short_speech()))
     # Greedy decoding only: warm-up exercises the kernels, not whisper's temperature fallback.
     write("whisper", "temperature", np.zeros(1, np.float32).tobytes())
+    write("whisper", "word_timestamps", np.ones(1, np.bool_).tobytes())  # compiles whisper's DTW at load
 
 
 if __name__ == "__main__":

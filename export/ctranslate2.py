@@ -221,7 +221,8 @@ def to_whisper_checkpoint(model: CT2Model, alignment_heads: list[list[int]] | No
     Dimensions come from the tensors; every variable must be used and every openai-whisper parameter filled
     with the shape openai-whisper expects. `alignment_heads` ([layer, head] pairs from config.json), when
     given, are stored as `checkpoint["alignment_heads"]` in the form `Whisper.set_alignment_heads` takes
-    (whisper.load_model does not read them from a file; only word timestamps use them)."""
+    (whisper.load_model does not read them from a file, trident_serving.asr.load_model does; only word
+    timestamps use them)."""
     if model.spec != WHISPER_SPEC:
         raise ConversionError(f"this is a CTranslate2 {model.spec!r} model, not Whisper ({WHISPER_SPEC})")
     quantized = sorted(n for n, v in model.variables.items()
@@ -275,7 +276,9 @@ def to_whisper_checkpoint(model: CT2Model, alignment_heads: list[list[int]] | No
     _check_against_whisper(dims, state)
     checkpoint = {"dims": dims, "model_state_dict": state}
     if alignment_heads:
-        checkpoint["alignment_heads"] = encode_alignment_heads(alignment_heads, n_text_layer, n_text_head)
+        from trident_serving.asr import ALIGNMENT_HEADS_KEY
+
+        checkpoint[ALIGNMENT_HEADS_KEY] = encode_alignment_heads(alignment_heads, n_text_layer, n_text_head)
     return checkpoint
 
 

@@ -162,11 +162,23 @@ def converted_checkpoint(ct2_dir: Path) -> Path:
 
 
 def official_checkpoint(size: str) -> Path:
-    """openai-whisper's checkpoint of `size`, downloaded and SHA-256 checked (its URL embeds the digest)."""
+    """openai-whisper's checkpoint of `size`, downloaded and SHA-256 checked (its URL embeds the digest), with
+    whisper's alignment heads of that size added (word timestamps: trident_serving.asr.load_model)."""
+    import torch
     import whisper
 
+    from trident_serving.asr import ALIGNMENT_HEADS_KEY
+
     url = whisper._MODELS[size]
-    return fetch(url, filename=f"whisper-{size}.pt", sha256=url.split("/")[-2])
+    downloaded = fetch(url, filename=f"whisper-{size}.pt", sha256=url.split("/")[-2])
+    path = downloaded.with_name(f"whisper-{size}-aligned.pt")
+    if not path.exists():
+        checkpoint = torch.load(downloaded, map_location="cpu", weights_only=True)
+        checkpoint[ALIGNMENT_HEADS_KEY] = whisper._ALIGNMENT_HEADS[size]
+        partial = path.with_suffix(".part")
+        torch.save(checkpoint, partial)
+        partial.rename(path)
+    return path
 
 
 def synthetic_checkpoint(size: str, seed: int) -> Path:

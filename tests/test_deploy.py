@@ -38,7 +38,7 @@ ENV = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines
            if line.strip() and not line.startswith("#"))
 METADATA = {"task": "detect", "stride": 32, "imgsz": [640, 640], "batch": 1, "dynamic": False,
             "names": {i: f"class{i}" for i in range(80)}}
-FP_BYTES = {"TYPE_FP32": 4, "TYPE_INT32": 4, "TYPE_FP16": 2}
+FP_BYTES = {"TYPE_FP32": 4, "TYPE_INT32": 4, "TYPE_FP16": 2, "TYPE_BOOL": 1}
 # trident-serve's settings that compose passes from .env (MODEL_REPOSITORY is the compose mount's default)
 SERVER_SETTINGS = [name for name in container.SETTINGS if name != "MODEL_REPOSITORY"]
 

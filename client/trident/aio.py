@@ -132,17 +132,18 @@ class Client:
 
     async def transcribe(self, audio: str | bytes | np.ndarray, language: str | None = None,
                          task: str = "transcribe",
-                         temperature: float | Sequence[float] | None = None) -> Transcription:
+                         temperature: float | Sequence[float] | None = None,
+                         word_timestamps: bool = False) -> Transcription:
         """Transcribe (or translate to English) an audio file path, encoded bytes, or 16 kHz mono float samples;
-        `temperature` as for `trident.Client.transcribe`."""
-        return await self._send(calls.transcribe, audio, language, task, temperature)
+        `temperature` and `word_timestamps` as for `trident.Client.transcribe`."""
+        return await self._send(calls.transcribe, audio, language, task, temperature, word_timestamps)
 
     async def transcribe_many(self, audios: Iterable[str | bytes | np.ndarray], language: str | None = None,
                               task: str = "transcribe", temperature: float | Sequence[float] | None = None,
-                              concurrency: int = 16) -> list[Transcription]:
+                              concurrency: int = 16, word_timestamps: bool = False) -> list[Transcription]:
         """Transcribe many audio inputs, at most `concurrency` requests in flight."""
-        return await bounded_map(lambda audio: self.transcribe(audio, language, task, temperature), audios,
-                                 concurrency)
+        return await bounded_map(lambda audio: self.transcribe(audio, language, task, temperature, word_timestamps),
+                                 audios, concurrency)
 
     # -- OCR ---------------------------------------------------------------------------------------------------
 

@@ -81,7 +81,8 @@ def _detections(out: dict[str, np.ndarray]) -> DetectResult:
 
 
 def transcribe(audio: str | bytes | np.ndarray, language: str | None = None, task: str = "transcribe",
-               temperature: float | Sequence[float] | None = None) -> Call[Transcription]:
+               temperature: float | Sequence[float] | None = None,
+               word_timestamps: bool = False) -> Call[Transcription]:
     """`Client.transcribe`'s request (same arguments)."""
     if isinstance(audio, np.ndarray):
         inputs = {"PCM": np.asarray(audio, dtype=np.float32).reshape(1, -1)}
@@ -92,15 +93,15 @@ def transcribe(audio: str | bytes | np.ndarray, language: str | None = None, tas
     inputs["TASK"] = _bytes_tensor(task.encode())
     if temperature is not None:
         inputs["TEMPERATURE"] = np.array(temperature, dtype=np.float32).reshape(1, -1)
+    if word_timestamps:
+        inputs["WORD_TIMESTAMPS"] = np.array([[True]])
     return Call("whisper", inputs, ("TEXT", "LANGUAGE", "SEGMENTS"), _transcription)
 
 
 def _transcription(out: dict[str, np.ndarray]) -> Transcription:
-    segments = json.loads(out["SEGMENTS"].reshape(-1)[0])
-    fields = Segment.__dataclass_fields__
     return Transcription(text=out["TEXT"].reshape(-1)[0].decode("utf-8"),
                          language=out["LANGUAGE"].reshape(-1)[0].decode("utf-8"),
-                         segments=[Segment(**{k: v for k, v in s.items() if k in fields}) for s in segments])
+                         segments=[Segment.from_dict(s) for s in json.loads(out["SEGMENTS"].reshape(-1)[0])])
 
 
 def read_text(image: ImageLike) -> Call[list[TextLine]]:

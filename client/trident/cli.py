@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     transcribe.add_argument("--temperature", type=_floats, metavar="T[,T...]",
                             help="temperatures tried in turn on failing windows (server default 0,0.2,...,1); "
                                  "0 alone: greedy")
+    transcribe.add_argument("--words", action="store_true",
+                            help="also time each word (whisper's word timestamps): listed, or in --json")
     style = transcribe.add_mutually_exclusive_group()
     style.add_argument("--json", action="store_true", help="print JSON lines")
     style.add_argument("--srt", action="store_true", help="print SubRip subtitles")
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return _each(args.images, lambda p: client.detect(p, args.conf, args.iou), _show_detections, args.json)
     if args.command == "transcribe":
         show = _show_srt if args.srt else _show_transcription
-        return _each(args.files, lambda p: client.transcribe(p, args.language, args.task, args.temperature), show, args.json)
+        return _each(args.files, lambda p: client.transcribe(p, args.language, args.task, args.temperature,
+                                                             word_timestamps=args.words), show, args.json)
     return _each(args.images, client.read_text, _show_lines, args.json)
 
 
@@ -128,6 +131,8 @@ def _show_detections(path: str, result: DetectResult) -> None:
 
 def _show_transcription(path: str, result: Transcription) -> None:
     print(f"{path} [{result.language}]: {result.text.strip()}")
+    for word in (w for s in result.segments for w in s.words):
+        print(f"  {word.start:8.2f} {word.end:8.2f}  {word.probability:.3f}  {word.word.strip()}")
 
 
 def _show_srt(path: str, result: Transcription) -> None:

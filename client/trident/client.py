@@ -87,19 +87,22 @@ class Client:
     # -- speech ------------------------------------------------------------------------------------------------
 
     def transcribe(self, audio: str | bytes | np.ndarray, language: str | None = None, task: str = "transcribe",
-                   temperature: float | Sequence[float] | None = None) -> Transcription:
+                   temperature: float | Sequence[float] | None = None,
+                   word_timestamps: bool = False) -> Transcription:
         """Transcribe (or translate to English) an audio file path, encoded bytes, or 16 kHz mono float samples.
 
         `temperature`: the decoding temperatures tried in turn while a window fails whisper's quality checks
         (server default 0.0, 0.2, ..., 1.0, as whisper.transcribe); `0.0` alone decodes greedily, deterministically.
+        `word_timestamps`: also time each word (`Segment.words`), as whisper.transcribe(word_timestamps=True).
         """
-        return self._send(calls.transcribe(audio, language, task, temperature))
+        return self._send(calls.transcribe(audio, language, task, temperature, word_timestamps))
 
     def transcribe_many(self, audios: Iterable[str | bytes | np.ndarray], language: str | None = None,
                         task: str = "transcribe", temperature: float | Sequence[float] | None = None,
-                        concurrency: int = 16) -> list[Transcription]:
+                        concurrency: int = 16, word_timestamps: bool = False) -> list[Transcription]:
         """Transcribe many audio inputs concurrently."""
-        return self._map(lambda audio: self.transcribe(audio, language, task, temperature), audios, concurrency)
+        return self._map(lambda audio: self.transcribe(audio, language, task, temperature, word_timestamps),
+                         audios, concurrency)
 
     # -- OCR ---------------------------------------------------------------------------------------------------
 

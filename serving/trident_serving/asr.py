@@ -12,6 +12,10 @@ the line, so with N unfinished audios each one advances at least every ceil(N / 
 audio finishes after a bounded number of steps however many long ones run (shortest-remaining-first would
 answer short audios sooner but can starve a long one forever under a steady stream of short ones).
 
+Word timestamps (`ASROptions.word_timestamps`) are whisper.transcribe's too: after its window is decoded, each
+such job's text is aligned by `whisper.timing.add_word_timestamps` on the encoder output the step already holds
+(`EncodedWindow`), one job at a time, and its next window starts at its last word as in transcribe.
+
 Failures stay local: a step that raises (e.g. CUDA out of memory) is retried in halves, down to one job, and
 only a job that fails alone is failed (`Job.error`); a job whose caller gave up (`cancelled()`) leaves at the next
 step without using a window.
@@ -25,10 +29,13 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
+import whisper
 from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from whisper.model import Whisper
+from whisper.timing import add_word_timestamps
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokenizer
+from whisper.utils import get_end
 
 from .errors import Cancelled, InvalidInput, shown
 
@@ -37,6 +44,7 @@ TIME_PRECISION = INPUT_STRIDE * HOP_LENGTH / SAMPLE_RATE  # seconds per timestam
 TASKS = ("transcribe", "translate")
 MAX_TEMPERATURES = 10  # a fallback schedule longer than this only burns compute
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # log-mel frames per second of audio: 100
+ALIGNMENT_HEADS_KEY = "alignment_heads"  # the checkpoint key of the word-timestamp heads (see load_model)
 
 log = logging.getLogger("trident")
 
@@ -52,6 +60,7 @@ class ASROptions:
     logprob_threshold: Optional[float] = -1.0  # a window whose average log probability is below this fails
     no_speech_threshold: Optional[float] = 0.6  # a window this likely silent (and failing the above) is skipped
     sample_len: Optional[int] = None  # most tokens per window (DecodingOptions.sample_len); None: 224
+    word_timestamps: bool = False  # add each segment's "words" (word, start, end, probability), as transcribe does
 
 
 class Job:
@@ -72,6 +81,7 @@ class Job:
         self.seek = 0
         self.tokens: List[int] = []
         self.segments: List[dict] = []
+        self.last_speech_timestamp = 0.0  # end of the latest word (word timestamps only), as in whisper.transcribe
         self.error: Optional[BaseException] = None  # set when the job failed or was cancelled
 
     @property
@@ -268,9 +278,9 @@ class Scheduler:
             for job, p in zip(detecting, probs):
                 job.language = max(p, key=p.get)
         results = self.decode_with_fallback(active, features[: len(active)]) if active else []
-        for job, (_, size), result in zip(active, windows, results):
+        for row, (job, (_, size), result) in enumerate(zip(active, windows, results)):
             try:
-                self.advance(job, result, size)
+                self.advance(job, result, size, features[row])
             except Exception as exc:  # noqa: BLE001 - that job alone fails; the others' windows are done
                 job.error = exc
 
@@ -294,8 +304,10 @@ class Scheduler:
                 self.stats.fallbacks += sum(attempt + 1 < len(jobs[i].options.temperatures) for i in pending)
         return results
 
-    def advance(self, job: Job, result: DecodingResult, size: int) -> None:
-        """Append the window's segments and move `seek`, as whisper.transcribe does after each window."""
+    def advance(self, job: Job, result: DecodingResult, size: int, features: torch.Tensor) -> None:
+        """Append the window's segments and move `seek`, as whisper.transcribe does after each window.
+
+        `features` is the window's encoder output, which the word alignment reuses."""
         o = job.options
         if o.no_speech_threshold is not None:
             should_skip = result.no_speech_prob > o.no_speech_threshold
@@ -304,12 +316,53 @@ class Scheduler:
             if should_skip:
                 job.seek += size
                 return
-        segments, job.seek = window_segments(result, job.seek, size, self.tokenizer(job))
+        tokenizer = self.tokenizer(job)
+        segments, seek = window_segments(result, job.seek, size, tokenizer)
+        if o.word_timestamps:
+            seek = self.add_words(job, segments, seek, size, features, tokenizer, result.tokens)
+        job.seek = seek
         for segment in segments:  # an instantaneous or blank segment keeps its times but loses its text
             if segment["start"] == segment["end"] or segment["text"].strip() == "":
                 segment["text"], segment["tokens"] = "", []
+                if o.word_timestamps:
+                    segment["words"] = []
         job.segments.extend({"id": i, **s} for i, s in enumerate(segments, start=len(job.segments)))
         job.tokens.extend(token for segment in segments for token in segment["tokens"])
+
+    def add_words(self, job: Job, segments: List[dict], seek: int, size: int, features: torch.Tensor,
+                  tokenizer: Tokenizer, tokens: List[int]) -> int:
+        """Add whisper's word timings to one window's `segments` and return the next seek, as
+        whisper.transcribe(word_timestamps=True) does: `whisper.timing.add_word_timestamps` (cross-attention of
+        the alignment heads, DTW, punctuation merging; it also moves segment starts and ends onto the words),
+        then, unless the window ends on a single timestamp, the next window starts at the last word's end."""
+        time_offset = job.seek * HOP_LENGTH / SAMPLE_RATE
+        add_word_timestamps(segments=segments, model=EncodedWindow(self.model), tokenizer=tokenizer,
+                            mel=features, num_frames=size, last_speech_timestamp=job.last_speech_timestamp)
+        last_word_end = get_end(segments)
+        if not single_timestamp_ending(tokens, tokenizer) and last_word_end is not None \
+                and last_word_end > time_offset:
+            seek = round(last_word_end * FRAMES_PER_SECOND)
+        if last_word_end is not None:
+            job.last_speech_timestamp = last_word_end
+        return seek
+
+
+class EncodedWindow:
+    """The Whisper model as `whisper.timing.find_alignment` uses it, for a window the step already encoded.
+
+    find_alignment runs `model(mel, tokens)`, i.e. the encoder again on the window's mel, then the decoder with
+    hooks on its cross-attention. Given this wrapper and the window's encoder output in place of the mel, it runs
+    only the decoder: the same alignment (the encoder output is that of the same window, computed in the step's
+    batch) without encoding every window twice. Everything else is the model's own."""
+
+    def __init__(self, model: Whisper):
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:  # dims, device, decoder, alignment_heads
+        return getattr(self.model, name)
+
+    def __call__(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder(tokens, features)
 
 
 class RowwiseDecodingTask(DecodingTask):
@@ -342,7 +395,7 @@ def window_segments(result: DecodingResult, seek: int, size: int, tokenizer: Tok
     tokens, begin = result.tokens, tokenizer.timestamp_begin
     time_offset = float(seek * HOP_LENGTH / SAMPLE_RATE)
     is_timestamp = [token >= begin for token in tokens]
-    single_timestamp_ending = is_timestamp[-2:] == [False, True]  # no speech after the last timestamp
+    ends_single = single_timestamp_ending(tokens, tokenizer)
 
     def segment(start: float, end: float, piece: List[int]) -> dict:
         return {"seek": seek, "start": start, "end": end,
@@ -357,7 +410,7 @@ def window_segments(result: DecodingResult, seek: int, size: int, tokenizer: Tok
         if timestamps and timestamps[-1] != begin:
             duration = (timestamps[-1] - begin) * TIME_PRECISION
         return [segment(time_offset, time_offset + duration, tokens)], seek + size
-    if single_timestamp_ending:
+    if ends_single:
         slices.append(len(tokens))
     segments, last = [], 0
     for current in slices:
@@ -365,9 +418,29 @@ def window_segments(result: DecodingResult, seek: int, size: int, tokenizer: Tok
         start, end = (time_offset + (piece[i] - begin) * TIME_PRECISION for i in (0, -1))
         segments.append(segment(start, end, piece))
         last = current
-    if single_timestamp_ending:
+    if ends_single:
         return segments, seek + size
     return segments, seek + (tokens[last - 1] - begin) * INPUT_STRIDE  # the unfinished segment is decoded again
+
+
+def single_timestamp_ending(tokens: List[int], tokenizer: Tokenizer) -> bool:
+    """Whether a window's tokens end on a lone timestamp: no speech after it (whisper.transcribe)."""
+    return [token >= tokenizer.timestamp_begin for token in tokens[-2:]] == [False, True]
+
+
+def load_model(checkpoint: str) -> Whisper:
+    """whisper.load_model of a checkpoint file, on the CPU, with the alignment heads it carries.
+
+    whisper.load_model sets a model's alignment heads (the cross-attention heads word timestamps read) only when
+    given an official model name; from a file it keeps the default, every head of the decoder's last half. So
+    `python -m export whisper` stores them in the checkpoint, under "alignment_heads", in the form
+    `Whisper.set_alignment_heads` takes (official weights: whisper's own entry for that size; a converted
+    CTranslate2 model: its config.json's); a checkpoint without them (synthetic weights) keeps the default."""
+    model = whisper.load_model(checkpoint, device="cpu")
+    heads = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(ALIGNMENT_HEADS_KEY)
+    if heads is not None:
+        model.set_alignment_heads(heads)
+    return model
 
 
 def transcribe_many(model: Whisper, audios: List[np.ndarray], options: ASROptions = ASROptions(),

@@ -12,10 +12,9 @@ import json
 import os
 
 import triton_python_backend_utils as pb_utils
-import whisper
 
 from trident_serving import gpu, metrics, triton
-from trident_serving.asr import FRAMES_PER_SECOND, ASROptions, Scheduler
+from trident_serving.asr import FRAMES_PER_SECOND, ASROptions, Scheduler, load_model
 from trident_serving.asr_service import ServiceOptions, Transcriber
 from trident_serving.audio import check_pcm, decode_audio
 from trident_serving.errors import InvalidInput
@@ -35,7 +34,7 @@ class TritonPythonModel:
         options = ServiceOptions.from_parameters(parameters)
         self.max_audio_seconds = options.max_audio_seconds
         device = triton.device(args)
-        model = whisper.load_model(checkpoint, device="cpu")
+        model = load_model(checkpoint)  # with the alignment heads the checkpoint carries (word timestamps)
         if device != "cpu":  # fp16 weights, cast once on the CPU: same numbers as whisper's casts, half the memory
             model = gpu.keep_fp16(model).to(device)
         triton.memory_checkpoint("loaded")
@@ -61,7 +60,8 @@ class TritonPythonModel:
         temperature = pb_utils.get_input_tensor_by_name(request, "TEMPERATURE")
         temperatures = ASROptions.temperatures if temperature is None else tuple(temperature.as_numpy().ravel().tolist())
         return samples, ASROptions(language=language, task=triton.text_input(request, "TASK", "transcribe").lower(),
-                                   temperatures=temperatures)
+                                   temperatures=temperatures,
+                                   word_timestamps=bool(triton.scalar_input(request, "WORD_TIMESTAMPS", 0.0)))
 
     def execute(self, requests):
         for request in requests:
