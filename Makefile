@@ -10,7 +10,8 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 SERVER_ARGS = --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
-# Weights for `make export`: official (download), synthetic (random, offline) or a local path.
+# Weights for `make export`: official (download) or synthetic (random, offline) for every model; a local file or
+# folder per model in YOLO_WEIGHTS / WHISPER_WEIGHTS / EASYOCR_WEIGHTS (each exporter refuses another model's).
 WEIGHTS ?= official
 WHISPER_SIZE ?= small
 PYTEST_ARGS ?=
@@ -47,9 +48,9 @@ system-deps:
 
 # Export all models into $(REPO) for the local server (the Python flavour of yolov8).
 export: venv
-	$(PY) -m export yolo --weights $(WEIGHTS) --flavour python --repo $(REPO)
-	$(PY) -m export whisper --size $(WHISPER_SIZE) --weights $(WEIGHTS) --repo $(REPO)
-	$(PY) -m export easyocr --weights $(WEIGHTS) --repo $(REPO)
+	$(PY) -m export yolo --weights $(or $(YOLO_WEIGHTS),$(WEIGHTS)) --flavour python --repo $(REPO)
+	$(PY) -m export whisper --size $(WHISPER_SIZE) --weights $(or $(WHISPER_WEIGHTS),$(WEIGHTS)) --repo $(REPO)
+	$(PY) -m export easyocr --weights $(or $(EASYOCR_WEIGHTS),$(WEIGHTS)) --repo $(REPO)
 
 serve: venv
 	@test -f $(REPO)/export.json || { echo "$(REPO) has no exported models: run 'make export' (or 'make demo') first"; exit 1; }
