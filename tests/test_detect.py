@@ -1,6 +1,7 @@
 """`detect` and `yolov8` over the real server: parity with ultralytics, batching, bad input."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
@@ -212,45 +213,62 @@ def send_together(url: str, images: list[bytes]) -> list:
     return [answers[i] for i in range(len(images))]
 
 
+@contextlib.contextmanager
+def detect_gathering(triton, batch: int, seconds: float):
+    """The session server's `detect` loaded (Triton's load with a config override) with one instance whose
+    dynamic batcher waits up to `seconds` for `batch` requests (preferred_batch_size): requests sent within that
+    time run as one execution, whatever the machine's speed. The exported config is loaded back afterwards
+    (a plain load would keep the override). Both loads leave out the warm-up, as the exported config has none."""
+    import tritonclient.http as httpclient
+
+    from trident_serving import supervisor
+
+    admin = httpclient.InferenceServerClient(triton.http_url, network_timeout=600)
+    exported = admin.get_model_config("detect")
+    gathering = {**exported, "instance_group": [{**exported["instance_group"][0], "count": 1}],
+                 "dynamic_batching": {**exported["dynamic_batching"], "preferred_batch_size": [batch],
+                                      "max_queue_delay_microseconds": int(seconds * 1e6)}}
+
+    def load(config: dict) -> None:
+        admin.load_model("detect", config=json.dumps(config))
+        ready, why = supervisor.check(triton.http_url)
+        assert ready, f"the server is not ready after loading detect with a config override: {why}"
+
+    load(gathering)
+    try:
+        yield
+    finally:
+        load(exported)
+        assert admin.get_model_config("detect") == exported
+
+
 def test_bad_input_does_not_fail_the_rest_of_the_batch(triton, images):
     """Bad images batched with good ones: the bad ones are answered INVALID_ARG, the good ones get the
-    detections they get alone. The eight requests are sent together while two slow leaders hold both `detect`
-    instances (conftest.hold_detect), and a round counts only when Triton's statistics show one execution of all
-    eight (nothing else runs meanwhile: the leaders carry other optional inputs, so they run alone). The batcher
-    promises no batch, so a round that did not form one is repeated, three rounds at most."""
+    detections they get alone. Batched for certain: `detect` waits for eight requests (detect_gathering), and
+    Triton's statistics show the one execution of all eight."""
     client = triton.client("grpc")
     good, bad = images["bus.jpg"].read_bytes(), b"not an image"
     alone = client.detect(good)
     mixed = [bad if i in (1, 6) else good for i in range(8)]
     url = f"http://127.0.0.1:{triton.options.metrics_port}/metrics"
-    rounds = []
-    for _ in range(3):
+    with detect_gathering(triton, len(mixed), seconds=30):
         before, (count_before, batches_before) = stats.scrape(url), triton.batch_executions("detect")
-        with ThreadPoolExecutor(2) as pool:
-            leaders = hold_detect(client, pool)
-            answers = send_together(triton.grpc_url, mixed)
-        for leader in leaders:
-            leader.result()  # raises what a leader failed with
-        for image, (result, error) in zip(mixed, answers):  # every round: whatever the batches, the same answers
-            if image is bad:
-                assert error is not None and "INVALID_ARG" in error.status() and "could not be decoded" in str(error)
-            else:
-                assert error is None, error
-                np.testing.assert_allclose(result.as_numpy("BOXES")[0], alone.boxes, atol=1e-3)
+        answers = send_together(triton.grpc_url, mixed)
         deadline = time.monotonic() + 30  # statistics are recorded after the responses are sent
-        while (count := triton.batch_executions("detect"))[0] - count_before < len(mixed) + len(leaders):
-            assert time.monotonic() < deadline, "Triton's statistics never counted the round's requests"
+        while (count := triton.batch_executions("detect"))[0] - count_before < len(mixed):
+            assert time.monotonic() < deadline, "Triton's statistics never counted the eight requests"
             time.sleep(0.1)
-        batches = {size: n - batches_before.get(size, 0) for size, n in count[1].items()}
-        rounds.append({size: n for size, n in batches.items() if n})
-        if batches.get(len(mixed)) == 1:
-            bls_images = (stats.scrape(url).total("trident_detect_bls_call_images_sum", model="detect")
-                          - before.total("trident_detect_bls_call_images_sum", model="detect"))
-            assert bls_images == 2 + 6  # the leaders' and the good images went to yolov8, no bad one
-            break
-    else:
-        pytest.fail(f"the eight requests never ran as one execution in {len(rounds)} rounds (executions by batch "
-                    f"size: {rounds})")
+        executions = {size: n - batches_before.get(size, 0) for size, n in count[1].items()}
+        assert {size: n for size, n in executions.items() if n} == {len(mixed): 1}
+        bls_images = (stats.scrape(url).total("trident_detect_bls_call_images_sum", model="detect")
+                      - before.total("trident_detect_bls_call_images_sum", model="detect"))
+    assert bls_images == 6  # the good images went to yolov8, the bad ones did not
+    for image, (result, error) in zip(mixed, answers):
+        if image is bad:
+            assert error is not None and "INVALID_ARG" in error.status() and "could not be decoded" in str(error)
+        else:
+            assert error is None, error
+            np.testing.assert_allclose(result.as_numpy("BOXES")[0], alone.boxes, atol=1e-3)
     assert len(alone) >= 24
 
 

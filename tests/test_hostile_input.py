@@ -408,6 +408,6 @@ def test_fuzz_short_run(triton, capped_whisper):
                                models=models, server_pid=int(triton.options.pid_file.read_text()))
     outcomes, problems = fuzz.run(options, progress=False)
     result = fuzz.summary(outcomes, problems)
-    assert result["ok"], result
+    assert result["ok"], json.dumps(result, indent=1)  # whole: pytest would cut a dict short
     assert result["totals"].get("clear error", 0) >= len(outcomes) // 3  # most mutations are caught...
     assert result["totals"].get("result", 0) >= 1  # ...and some still decode
