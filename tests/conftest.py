@@ -6,6 +6,7 @@ The models exported (and so the tests collected) are those named in TRIDENT_TEST
 from __future__ import annotations
 
 import contextlib
+import json
 import functools
 import os
 import re
@@ -112,6 +113,26 @@ class Server:
             if time.monotonic() > deadline:
                 raise AssertionError(f"counters did not reach {expected} over {before} in {timeout:.0f} s: {now}")
             time.sleep(0.1)
+
+    def load_config(self, model: str, config: dict) -> dict:
+        """Load `model` with `config` (Triton's load with a config override; the files stay as they are) and
+        return once the new copy is READY and the old copy's stubs have exited (tests that count stubs would take
+        a lingering one for a death); returns the config now served."""
+        import tritonclient.http as httpclient
+
+        from trident_serving import supervisor
+
+        admin = httpclient.InferenceServerClient(self.http_url, network_timeout=600)
+        admin.load_model(model, config=json.dumps(config))
+        ready, why = supervisor.check(self.http_url)
+        assert ready, f"the server is not ready after loading {model} with a config override: {why}"
+        instances = sum(int(group.get("count", 1)) for group in config["instance_group"])
+        triton = supervisor.triton_pid(int(self.options.pid_file.read_text()))
+        deadline = time.monotonic() + 60
+        while sum(stub.model == model for stub in supervisor.find_stubs(triton).values()) > instances:
+            assert time.monotonic() < deadline, f"the replaced {model} stubs did not exit within 60 s"
+            time.sleep(0.2)
+        return admin.get_model_config(model)
 
     def batch_executions(self, model: str) -> tuple[int, dict[int, int]]:
         """Triton's statistics of `model`: its inference count, and its executions by batch size."""

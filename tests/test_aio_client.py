@@ -214,24 +214,30 @@ def test_bad_arguments_and_closed_client():
 
 # ------------------------------------------------------------------------------------------ cancellation
 
+async def cancel_once_admitted(triton, client: aio.Client, audio: np.ndarray) -> tuple[float, float]:
+    """Send `audio` to whisper and cancel the task once whisper has admitted it (Triton counted its execution:
+    execute returns on admission); returns the CANCELLED errors and transcribed seconds counted before."""
+    executions = metric(triton, "nv_inference_exec_count", model="whisper")
+    cancelled = metric(triton, "trident_request_errors_total", model="whisper", code="CANCELLED")
+    transcribed = metric(triton, "trident_whisper_transcribed_audio_seconds_total", model="whisper")
+    task = asyncio.ensure_future(client.transcribe(audio, temperature=GREEDY))
+    await until(lambda: metric(triton, "nv_inference_exec_count", model="whisper") > executions,
+                "whisper admitted the request")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return cancelled, transcribed
+
+
 @pytest.mark.whisper
 def test_cancelling_a_grpc_call_cancels_it_on_the_server(triton):
-    """Cancel the task once whisper has admitted the request (Triton counted its execution: execute returns on
-    admission); the model sees the RPC cancelled and drops the job before its next 30 s window. Three windows
-    of audio, so the job cannot finish before that check."""
+    """The model sees the RPC cancelled and drops the job before its next 30 s window. Three windows of audio,
+    so the job cannot finish before that check."""
     audio = np.zeros(90 * SAMPLE_RATE, np.float32)
 
     async def main():
         async with aio.Client(triton.grpc_url) as client:
-            executions = metric(triton, "nv_inference_exec_count", model="whisper")
-            cancelled = metric(triton, "trident_request_errors_total", model="whisper", code="CANCELLED")
-            transcribed = metric(triton, "trident_whisper_transcribed_audio_seconds_total", model="whisper")
-            task = asyncio.ensure_future(client.transcribe(audio, temperature=GREEDY))
-            await until(lambda: metric(triton, "nv_inference_exec_count", model="whisper") > executions,
-                        "whisper admitted the request")
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            cancelled, transcribed = await cancel_once_admitted(triton, client, audio)
             await until(lambda: metric(triton, "trident_request_errors_total", model="whisper",
                                        code="CANCELLED") > cancelled, "the server dropped the job")
             assert metric(triton, "trident_whisper_transcribed_audio_seconds_total", model="whisper") == transcribed
@@ -249,15 +255,7 @@ def test_cancelling_an_http_call_does_not_reach_the_server(triton):
 
     async def main():
         async with aio.Client(triton.http_url, protocol="http") as client:
-            executions = metric(triton, "nv_inference_exec_count", model="whisper")
-            cancelled = metric(triton, "trident_request_errors_total", model="whisper", code="CANCELLED")
-            transcribed = metric(triton, "trident_whisper_transcribed_audio_seconds_total", model="whisper")
-            task = asyncio.ensure_future(client.transcribe(audio, temperature=GREEDY))
-            await until(lambda: metric(triton, "nv_inference_exec_count", model="whisper") > executions,
-                        "whisper admitted the request")
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            cancelled, transcribed = await cancel_once_admitted(triton, client, audio)
             await until(lambda: metric(triton, "trident_whisper_transcribed_audio_seconds_total",
                                        model="whisper") >= transcribed + seconds, "the job finished")
             assert metric(triton, "trident_request_errors_total", model="whisper", code="CANCELLED") == cancelled

@@ -221,25 +221,15 @@ def detect_gathering(triton, batch: int, seconds: float):
     (a plain load would keep the override). Both loads leave out the warm-up, as the exported config has none."""
     import tritonclient.http as httpclient
 
-    from trident_serving import supervisor
-
-    admin = httpclient.InferenceServerClient(triton.http_url, network_timeout=600)
-    exported = admin.get_model_config("detect")
+    exported = httpclient.InferenceServerClient(triton.http_url).get_model_config("detect")
     gathering = {**exported, "instance_group": [{**exported["instance_group"][0], "count": 1}],
                  "dynamic_batching": {**exported["dynamic_batching"], "preferred_batch_size": [batch],
                                       "max_queue_delay_microseconds": int(seconds * 1e6)}}
-
-    def load(config: dict) -> None:
-        admin.load_model("detect", config=json.dumps(config))
-        ready, why = supervisor.check(triton.http_url)
-        assert ready, f"the server is not ready after loading detect with a config override: {why}"
-
-    load(gathering)
+    triton.load_config("detect", gathering)
     try:
         yield
     finally:
-        load(exported)
-        assert admin.get_model_config("detect") == exported
+        assert triton.load_config("detect", exported) == exported
 
 
 def test_bad_input_does_not_fail_the_rest_of_the_batch(triton, images):

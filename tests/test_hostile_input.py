@@ -358,24 +358,19 @@ def capped_whisper(triton):
     import tritonclient.http as httpclient
     from conftest import selected_models
 
-    from trident_serving import supervisor
-
     if "whisper" not in selected_models():
         yield
         return
-    admin = httpclient.InferenceServerClient(triton.http_url, network_timeout=600)
-    exported = admin.get_model_config("whisper")
+    exported = httpclient.InferenceServerClient(triton.http_url).get_model_config("whisper")
     assert exported["parameters"]["max_audio_seconds"] == {"string_value": "7200"}, exported["parameters"]
     restored = {key: value for key, value in exported.items() if key != "model_warmup"}
     capped = {**restored, "parameters": {**exported["parameters"],
                                          "max_audio_seconds": {"string_value": str(CAPPED_AUDIO_SECONDS)}}}
 
     def load(config: dict) -> dict:
-        """Load `config` (returns once the new copy is READY); the config now served, warm-up aside."""
-        admin.load_model("whisper", config=json.dumps(config))
-        ready, why = supervisor.check(triton.http_url)
-        assert ready, f"the server is not ready after loading whisper with a config override: {why}"
-        return {key: value for key, value in admin.get_model_config("whisper").items() if key != "model_warmup"}
+        """The config served after loading `config`, warm-up aside."""
+        served = triton.load_config("whisper", config)
+        return {key: value for key, value in served.items() if key != "model_warmup"}
 
     assert load(capped) == capped
     try:

@@ -1,12 +1,12 @@
 """`whisper` word timestamps (WORD_TIMESTAMPS) over the real server: parity with
 `whisper.transcribe(word_timestamps=True, temperature=0, condition_on_previous_text=False)`.
 
-Synthetic tiny weights (the session's server): a clip that word-driven seeking spreads over several windows, and
-concurrent requests with and without words. Random weights decode every window to the 224-token limit, so the
-synthetic clips stay short. The real Whisper base converted from CTranslate2 (a server of its own, as in
-tests/test_whisper_real.py): the espeak-ng clips (one window each) and a 40 s clip of two windows, against a
-reference model given whisper's own alignment heads for `base`, which the export must have carried over from
-CTranslate2's config.json.
+The engine alone (no server) on synthetic tiny weights: one batch mixing a 47 s and a 9 s audio, with and without
+words, where word-driven seeking moves windows. Over the server, the real Whisper base converted from
+CTranslate2 (it decodes a window in tens of tokens, where random weights decode 224): the espeak-ng clips (one
+window each) and a 40 s clip of two windows, with words, and two without, all at once over gRPC and HTTP, against
+a reference model given whisper's own alignment heads for `base`, which the export must have carried over from
+CTranslate2's config.json. Bad WORD_TIMESTAMPS inputs on the session's synthetic server.
 
 The server reuses each window's encoder output from the decoding step for the alignment, where
 whisper.transcribe encodes the window again: words and segment texts are compared exactly, times to within
@@ -118,72 +118,6 @@ def transcription(result: dict) -> Transcription:
 
 # ------------------------------------------------------------------------------------ synthetic tiny weights
 
-@pytest.fixture(scope="module")
-def model(triton):
-    """whisper.load_model on the very checkpoint the server loaded (synthetic: default alignment heads)."""
-    manifest = json.loads((triton.repository / "export.json").read_text())
-    return whisper.load_model(manifest["whisper"]["weights"], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def clips() -> dict[str, np.ndarray]:
-    return {"en": decode_audio((DATA / "speech_en.wav").read_bytes())}
-
-
-class References(dict):
-    """whisper.transcribe of a clip with or without word timestamps, computed at first use: (name, words) -> result."""
-
-    def __init__(self, model, clips: dict[str, np.ndarray]):
-        super().__init__()
-        self.model, self.clips = model, clips
-
-    def __missing__(self, key: tuple[str, bool]) -> dict:
-        name, words = key
-        with one_torch_thread():
-            self[key] = whisper.transcribe(self.model, self.clips[name], word_timestamps=words, temperature=0.0,
-                                           condition_on_previous_text=False, fp16=False, verbose=None)
-        return self[key]
-
-
-@pytest.fixture(scope="module")
-def references(model, clips) -> References:
-    return References(model, clips)
-
-
-def test_words_equal_whisper_transcribe(triton, references, clips):
-    """One clip, shorter than a window, takes several windows with words: random weights end no window on a
-    single timestamp, so each next window starts at the previous one's last word (whisper.transcribe's rule)."""
-    expected = references["en", True]
-    assert sum(len(s["words"]) for s in expected["segments"]) >= 2, "the comparison must be between words"
-    assert len({s["seek"] for s in expected["segments"]}) >= 2, "the word-driven seek must be exercised"
-    assert len({s["seek"] for s in references["en", False]["segments"]}) == 1
-    served = Client(triton.grpc_url, timeout=TIMEOUT).transcribe(clips["en"], temperature=0.0, word_timestamps=True)
-    assert_same_words(served, expected)
-
-
-def test_concurrent_requests_with_and_without_words(triton, references, clips):
-    """Requests with and without words, over HTTP, share the scheduler's steps; each gets its own reference's
-    answer, and the SEGMENTS of those without the input hold no "words" key at all (the output is as before)."""
-    client = Client(f"http://{triton.http_url}", timeout=TIMEOUT)
-    asks = [("en", True), ("en", False), ("en", True)]
-
-    def ask(name: str, words: bool) -> tuple:
-        request = calls.transcribe(clips[name], temperature=0.0, word_timestamps=words)
-        return request, client.infer(request.model, request.inputs, request.outputs)
-
-    with ThreadPoolExecutor(len(asks)) as pool:
-        outputs = list(pool.map(lambda a: ask(*a), asks))
-    for (name, words), (request, output) in zip(asks, outputs):
-        expected, result = references[name, words], request.parse(output)
-        if words:
-            assert_same_words(result, expected)
-        else:
-            assert all("words" not in s for s in json.loads(output["SEGMENTS"].reshape(-1)[0]))
-            assert result.text == expected["text"]
-            assert [(s.start, s.end, s.text) for s in result.segments] == \
-                [(s["start"], s["end"], s["text"]) for s in expected["segments"]]
-
-
 @pytest.mark.parametrize("value, message", [
     (np.array([[1.0]], np.float32), "WORD_TIMESTAMPS"),  # wrong type: Triton checks it against the config
     (np.array([[True, False]]), "WORD_TIMESTAMPS"),  # wrong shape
@@ -217,16 +151,32 @@ def test_real_weights_words_equal_whisper_transcribe(real):
     gap = np.zeros(12 * SAMPLE_RATE, np.float32)
     audio["long"] = np.concatenate([audio[english[0]], gap, audio[english[1]], gap, audio[english[2]]])  # 40 s
     language = {name: language_of(name) if name in TRUTH else None for name in audio}
-    client = Client(real.grpc_url, timeout=TIMEOUT)
-    with ThreadPoolExecutor(len(audio)) as pool:
-        served = dict(zip(audio, pool.map(lambda n: client.transcribe(audio[n], language=language[n],
-                                                                       temperature=0.0, word_timestamps=True),
-                                          audio)))
-    for name in audio:
+    # Every clip with words, and two without, at once over both protocols: they share the scheduler's steps.
+    asks = [(name, True) for name in audio] + [(english[0], False), ("long", False)]
+    clients = [Client(real.grpc_url, timeout=TIMEOUT), Client(f"http://{real.http_url}", timeout=TIMEOUT)]
+
+    def ask(i: int) -> tuple:
+        name, words = asks[i]
+        request = calls.transcribe(audio[name], language=language[name], temperature=0.0, word_timestamps=words)
+        return request, clients[i % 2].infer(request.model, request.inputs, request.outputs)
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(ask, range(len(asks))))
+    served = {}
+    for (name, words), (request, output) in zip(asks, answers):
         with one_torch_thread():
-            expected = reference(base, audio[name], language=language[name])
-        print(f"\n{name}: {[(w['word'], w['start'], w['end']) for s in expected['segments'] for w in s['words']]}")
-        assert_same_words(served[name], expected)
+            expected = reference(base, audio[name], language=language[name]) if words else \
+                whisper.transcribe(base, audio[name], language=language[name], temperature=0.0,
+                                   condition_on_previous_text=False, fp16=False, verbose=None)
+        result = request.parse(output)
+        if words:
+            assert_same_words(result, expected)
+            served[name] = result
+        else:  # without the input the output is as before: no "words" key at all
+            assert all("words" not in s for s in json.loads(output["SEGMENTS"].reshape(-1)[0]))
+            assert result.text == expected["text"]
+            assert [(s.start, s.end, s.text) for s in result.segments] == \
+                [(s["start"], s["end"], s["text"]) for s in expected["segments"]]
     assert [w for s in served["long"].segments for w in s.words][-1].end > 30, "words in the second window"
 
 
