@@ -66,7 +66,10 @@ status:
 # install from the package index stand in (README "Real weights offline"): Whisper base (multilingual, but
 # shown on the English sentences it transcribes word for word) and EasyOCR English (English samples only); YOLO
 # falls back to synthetic (random) weights: the pipeline is real, its detections are not meaningful.
+# What `make demo` needs of Debian: the test video's encoder, voice and font (tests/data/make_media.py)
+DEMO_PACKAGES := ffmpeg espeak-ng fonts-dejavu-core
 demo: venv
+	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(DEMO_PACKAGES)"
 	@$(PY) -m export yolo --flavour python --weights official --repo $(REPO) || { \
 	  echo ">>> YOLO: no official weights here: SYNTHETIC (random) weights, the detections below are not meaningful"; \
 	  $(PY) -m export yolo --flavour python --weights synthetic --repo $(REPO) || exit 1; }
@@ -85,6 +88,10 @@ demo: venv
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) detect $$($(PY) -c "from ultralytics.utils import ASSETS; print(*sorted(ASSETS.glob('*.jpg')))") || status=1; \
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) transcribe --temperature 0 $$speech || status=1; \
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) ocr $$ocr || status=1; \
+	echo ">>> trident analyze: the 20 s test video (speech, photos, on-screen text) -> build/demo-analysis/report.html"; \
+	$(PY) tests/data/make_media.py build/demo-media >/dev/null && \
+	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) analyze build/demo-media/video.mp4 --temperature 0 \
+	  --out build/demo-analysis || status=1; \
 	$(PY) -m trident_serving.server stop; exit $$status
 
 # GPU host (Docker + NVIDIA Container Toolkit): README, "Deploy on a GPU host". DRY_RUN=1 prints the commands only

@@ -206,6 +206,33 @@ def triton(repository, tmp_path_factory) -> Server:
         yield started
 
 
+@pytest.fixture(scope="session")
+def real_triton(tmp_path_factory) -> Server:
+    """A second server with REAL weights where they install offline from the package index: Whisper base (converted
+    from CTranslate2, on a CPU instance) and EasyOCR English; YOLO stays synthetic (no weights on the index).
+    Shared by the real-weights tests of whisper and of the media pipeline: one start instead of one each."""
+    import easyocr_en_models
+
+    repo = tmp_path_factory.mktemp("real_repository")
+    for args in (["whisper", "--weights", "base-offline", "--kind", "cpu"],
+                 ["easyocr", "--lang", "en", "--weights", str(easyocr_en_models.model_dir())],
+                 EXPORT_ARGS["yolo"]):
+        subprocess.run([sys.executable, "-m", "export", *args, "--repo", str(repo)], cwd=ROOT, check=True)
+    with serve(repo, tmp_path_factory.mktemp("real_run")) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    """The generated test media (tests/data/make_media.py): a 20 s 720p video with speech, photos, on-screen text
+    and a scene cut, and the files derived from it."""
+    from tests.data import make_media
+
+    directory = tmp_path_factory.mktemp("media")
+    make_media.build(directory)
+    return directory
+
+
 @pytest.fixture(params=["grpc", "http"])
 def client(request, triton) -> Client:
     """A trident client of the test server, over each protocol."""

@@ -25,13 +25,6 @@ DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="session")
-def media_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("media")
-    make_media.build(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
 def reference_frames(media_dir) -> dict[int, str]:
     """Frame number -> digest of its BGR pixels, from a plain sequential decode of every frame of video.mp4."""
     with av.open(str(media_dir / "video.mp4")) as container:

@@ -18,13 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import Server, serve
+from conftest import Server
 from trident import Client
 from real_speech import TRUTH, edit_distance, faster_whisper_transcripts, language_of, load_clip
 from test_whisper import shared_steps, worker_metrics
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
-from export import __main__ as export_main
 from trident_serving.audio import SAMPLE_RATE
 
 pytestmark = pytest.mark.whisper
@@ -50,12 +49,9 @@ def error_rate(pairs: list[tuple[list[str], list[str]]]) -> float:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> Server:
-    """A server of its own serving only the converted Whisper base (CPU), on free ports."""
-    repo = tmp_path_factory.mktemp("real_repository")
-    assert export_main.main(["whisper", "--weights", "base-offline", "--kind", "cpu", "--repo", str(repo)]) == 0
-    with serve(repo, tmp_path_factory.mktemp("real_run")) as started:
-        yield started
+def real(real_triton) -> Server:
+    """The session's real-weights server (conftest.real_triton): the converted Whisper base on a CPU instance."""
+    return real_triton
 
 
 @pytest.fixture(scope="module")

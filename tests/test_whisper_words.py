@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 import torch
 import whisper
-from conftest import Server, serve
+from conftest import Server
 from real_speech import TRUTH, language_of, load_clip
 
-from export import __main__ as export_main
 from export.whisper import synthetic_checkpoint
 from trident import Client, InvalidInputError, cli
 from trident import calls
@@ -132,12 +131,9 @@ def test_bad_word_timestamps_input(triton, value, message):
 # ------------------------------------------------------------------------------------------------ real weights
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> Server:
-    """A server of its own serving only the converted Whisper base (CPU), on free ports."""
-    repo = tmp_path_factory.mktemp("words_real_repository")
-    assert export_main.main(["whisper", "--weights", "base-offline", "--kind", "cpu", "--repo", str(repo)]) == 0
-    with serve(repo, tmp_path_factory.mktemp("words_real_run")) as started:
-        yield started
+def real(real_triton) -> Server:
+    """The session's real-weights server (conftest.real_triton): the converted Whisper base on a CPU instance."""
+    return real_triton
 
 
 def test_real_weights_words_equal_whisper_transcribe(real):

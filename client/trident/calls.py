@@ -138,11 +138,12 @@ def infer_inputs(module: Any, inputs: dict[str, np.ndarray]) -> list:
 
 def health_report(where: Endpoint, live: bool, ready: bool, index: Any) -> dict:
     """`Client.health()`'s answer from the server's liveness, readiness and repository index (gRPC's message
-    or HTTP's JSON list)."""
+    or HTTP's JSON list): the state and the version of each model."""
     if where.protocol == "grpc":
-        index = [{"name": m.name, "state": m.state} for m in index.models]
+        index = [{"name": m.name, "version": m.version, "state": m.state} for m in index.models]
     return {"url": where.address, "protocol": where.protocol, "live": live, "ready": ready,
-            "models": {m["name"]: m.get("state", "") for m in index}}
+            "models": {m["name"]: m.get("state", "") for m in index},
+            "versions": {m["name"]: m.get("version", "") for m in index}}
 
 
 def translate(exc: Exception, what: str, connection_errors: tuple[type[BaseException], ...] = ()) -> TridentError:

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="server address, host[:port] (env TRIDENT_URL; default localhost)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default=os.environ.get("TRIDENT_PROTOCOL"),
                         help="default: from the URL scheme, else grpc")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds per request (default 120; for analyze 3600: a whole soundtrack is one request)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("health", help="server liveness/readiness and model states (exit 1 unless all ready)")
@@ -47,6 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     ocr.add_argument("images", nargs="+", metavar="IMAGE")
     ocr.add_argument("--json", action="store_true", help="print JSON lines")
 
+    analyze = commands.add_parser(
+        "analyze", help="analyse videos, audio and images (or folders of them): transcript with timed words, "
+                        "objects and on-screen text per frame, written as analysis.json, SRT/WebVTT and report.html")
+    analyze.add_argument("media", nargs="+", metavar="MEDIA")
+    sampling = analyze.add_mutually_exclusive_group()
+    sampling.add_argument("--fps", type=float, help="video frames analysed per second (default 1)")
+    sampling.add_argument("--scenes", action="store_true",
+                          help="one frame per scene instead: a scene starts where a 64x36 grey thumbnail of the "
+                               "video, looked at once a second, changes by 30 grey levels on average")
+    analyze.add_argument("--language", help="spoken language, ISO code such as en or ko (default: detect per file)")
+    analyze.add_argument("--temperature", type=_floats, metavar="T[,T...]",
+                         help="Whisper's temperatures, as for transcribe (0 alone: greedy, the same every run)")
+    analyze.add_argument("--out", default="analysis", help="output folder (default ./analysis)")
+    analyze.add_argument("--in-flight", type=int, default=16,
+                         help="frames sent and not yet answered, at most (default 16)")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+
     stats = commands.add_parser("stats", help="per-model rates, batch sizes, latencies and GPU memory from the "
                                               "server's Prometheus metrics")
     stats.add_argument("--metrics-url", default=os.environ.get("TRIDENT_METRICS_URL"),
@@ -60,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `trident ... | head` ends quietly
     if args.command == "stats":
         return _stats(args)
-    client = Client(args.url, protocol=args.protocol, timeout=args.timeout)
+    if args.command == "analyze":
+        return _analyze(args)
+    client = Client(args.url, protocol=args.protocol, timeout=args.timeout or 120.0)
     if args.command == "health":
         try:
             health = client.health()
@@ -97,6 +117,41 @@ def _stats(args: argparse.Namespace) -> int:
         print(f"trident: cannot read metrics from {url}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analyze import pipeline  # needs PyAV (trident[media]), which the other commands do not
+    from .analyze.results import Options
+
+    try:
+        options = Options(fps=None if args.scenes else (1.0 if args.fps is None else args.fps), scenes=args.scenes, language=args.language,
+                          temperature=args.temperature)
+        analysis = pipeline.analyze(args.media, args.url, args.protocol, options, out=args.out,
+                                    in_flight=args.in_flight, timeout=args.timeout or 3600.0,
+                                    progress=not args.quiet)
+    except ValueError as exc:
+        print(f"trident: {exc}", file=sys.stderr)
+        return 2
+    except pipeline.ServerGone as exc:
+        _print_summary(exc.analysis)
+        print(f"trident: the server went away: {exc}; what was done is in {args.out}/", file=sys.stderr)
+        return 1
+    except TridentError as exc:
+        print(f"trident: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"trident: interrupted; what was done is in {args.out}/", file=sys.stderr)
+        return 130
+    _print_summary(analysis)
+    print(f"written to {args.out}/: analysis.json, report.html and subtitles", file=sys.stderr)
+    return 1 if analysis.summary.failed else 0
+
+
+def _print_summary(analysis) -> None:
+    from .analyze.pipeline import summary_lines
+
+    for line in summary_lines(analysis):
+        print(line)
 
 
 def _floats(text: str) -> list[float]:

@@ -25,6 +25,8 @@ Derived from it:
 * `phone.mp4`: 640x360, no audio, a keyframe every second as phones write: keyframes alone find the scenes at
   one analysed frame a second;
 * `rotated.mp4`: a display matrix saying "turn 90 degrees", as phones write for portrait video;
+* `small.mp4`: 320x180 with the same audio: where a test needs the pipeline's plumbing, not its pixels (OCR of a
+  720p frame takes seconds of CPU);
 * `truncated.mp4`: the first 60 % of video.mp4's bytes; its index, written first (`+faststart`), survives.
 """
 from __future__ import annotations
@@ -71,6 +73,9 @@ DERIVED = {
     "phone.mp4": ["-an", "-vf", "scale=640:360", "-c:v", "libx264", "-preset", "veryfast", "-threads", "2",
                   "-g", str(FPS), "-keyint_min", str(FPS), "-sc_threshold", "0"],
     "rotated.mp4": ["-c", "copy", "-metadata:s:v:0", "rotate=90", "-movflags", "+faststart"],
+    "small.mp4": ["-vf", "scale=320:180", "-c:v", "libx264", "-preset", "veryfast", "-threads", "2",
+                  "-g", str(KEYFRAME_INTERVAL), "-keyint_min", str(KEYFRAME_INTERVAL), "-sc_threshold", "0",
+                  "-c:a", "copy", "-movflags", "+faststart"],
 }
 BITEXACT = ["-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact", "-map_metadata", "-1"]
 

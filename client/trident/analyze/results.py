@@ -113,11 +113,13 @@ class Server:
 
 @dataclass
 class Options:
-    """How frames were sampled (`fps` frames per second, or one per scene) and the transcription language."""
+    """How frames were sampled (`fps` frames per second, or one per scene), the transcription language and
+    Whisper's temperatures (None: the server's schedule; [0]: greedy, faster and the same every run)."""
 
     fps: float | None = None
     scenes: bool = False
     language: str | None = None  # None: detected per input
+    temperature: list[float] | None = None
 
     def __post_init__(self):
         if self.fps is not None and not self.fps > 0:
