@@ -77,8 +77,9 @@ def synthetic(triton, inputs, tmp_path_factory) -> tuple[Analysis, dict, Path, i
     """`trident analyze` of every input on the session's server: (analysis read back, its JSON, the output folder,
     exit code, what it printed)."""
     out = tmp_path_factory.mktemp("analysis")
-    code, printed, _ = run_cli("--url", triton.grpc_url, "--timeout", str(TIMEOUT), "analyze", *map(str, inputs.values()),
-                               "--fps", str(FPS), "--temperature", GREEDY, "--out", str(out), "--quiet")
+    code, printed, _ = run_cli("--url", triton.grpc_url, "--timeout", str(TIMEOUT), "analyze",
+                               *map(str, inputs.values()), "--fps", str(FPS), "--temperature", GREEDY,
+                               "--out", str(out), "--quiet")
     document = json.loads((out / "analysis.json").read_text())
     return Analysis.from_dict(document), document, out, code, printed
 

@@ -124,8 +124,8 @@ def _analyze(args: argparse.Namespace) -> int:
     from .analyze.results import Options
 
     try:
-        options = Options(fps=None if args.scenes else (1.0 if args.fps is None else args.fps), scenes=args.scenes, language=args.language,
-                          temperature=args.temperature)
+        fps = None if args.scenes else (1.0 if args.fps is None else args.fps)
+        options = Options(fps=fps, scenes=args.scenes, language=args.language, temperature=args.temperature)
         analysis = pipeline.analyze(args.media, args.url, args.protocol, options, out=args.out,
                                     in_flight=args.in_flight, timeout=args.timeout or 3600.0,
                                     progress=not args.quiet)
