@@ -1,4 +1,4 @@
-"""Shared by the real-weights Whisper tests: the espeak-ng clips, their truth, and faster-whisper's transcripts.
+"""Shared by the real-weights tests: the espeak-ng clips, their truth, faster-whisper's transcripts, error rates.
 
 faster-whisper (CTranslate2, the original weights of the converted Whisper base) is the reference library; its
 greedy transcripts are computed once per test session and shared by tests/test_ctranslate2.py and
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from whisper.normalizers import EnglishTextNormalizer
 
 from trident_serving.audio import decode_audio
 
@@ -29,13 +30,23 @@ def load_clip(name: str) -> np.ndarray:
 
 
 def edit_distance(a: list, b: list) -> int:
-    """Levenshtein distance between two sequences."""
+    """Levenshtein distance between two sequences (of words, tokens or characters)."""
     row = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         prev, row[0] = row[0], i
         for j, y in enumerate(b, 1):
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
     return row[-1]
+
+
+def error_rate(pairs: list[tuple[list[str], list[str]]]) -> float:
+    """Edits over reference length, summed over (reference, hypothesis) pairs."""
+    return sum(edit_distance(ref, hyp) for ref, hyp in pairs) / sum(len(ref) for ref, _ in pairs)
+
+
+def english_words(text: str) -> list[str]:
+    """The words of an English text after whisper's EnglishTextNormalizer ("Dr." and "Doctor" agree)."""
+    return EnglishTextNormalizer()(text).split()
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
+from real_speech import english_words, error_rate
 from test_analyze_output import _ffmpeg_cues
 
 from trident import cli, media
@@ -134,9 +136,15 @@ def test_synthetic_results_equal_each_model_served_alone(synthetic, triton, inpu
     samples = list(media.sample_frames(inputs["video"], FPS))
     with ThreadPoolExecutor(4) as pool:
         detections = list(pool.map(lambda s: client.detect(s.image).detections, samples))
+        lines = list(pool.map(lambda s: client.read_text(s.image), samples))
     frames = files["small.mp4"].frames
     assert [f.time for f in frames] == [s.frame_time for s in samples]
     assert [f.detections for f in frames] == detections
+    assert sum(map(len, lines)) > 0  # the synthetic recogniser reads something: the comparison is not empty
+    assert [[(t.text, t.box) for t in f.text] for f in frames] == [[(t.text, t.box) for t in ls] for ls in lines]
+    # scores to float noise: the recogniser's batches hold other crops in the pipeline (seen: 2.4e-5)
+    np.testing.assert_allclose([t.score for f in frames for t in f.text], [t.score for ls in lines for t in ls],
+                               atol=1e-4)
     video = files["small.mp4"]
     assert video.text_events == events.text_events(frames, 1 / FPS)
     assert video.object_counts == events.object_counts(frames)
@@ -157,6 +165,9 @@ def test_unknown_server_or_bad_options_fail_before_decoding(tmp_path, inputs):
     assert code == 1 and f"127.0.0.1:{port}" in err and not list(tmp_path.iterdir())
     code, _, err = run_cli("analyze", str(inputs["image"]), "--fps", "0", "--out", str(tmp_path))
     assert code == 2 and "fps must be a positive number" in err
+    # cli.main is callable from a program: it leaves the process's signals alone (a SIGPIPE set to its default
+    # there once killed this test session at a closed socket; only the `trident` command sets it)
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN
 
 
 # -- the server goes away; Ctrl-C ------------------------------------------------------------------------------------
@@ -252,12 +263,50 @@ def test_ctrl_c_writes_what_is_done(triton, inputs, tmp_path):
     assert triton.is_ready()
 
 
-@pytest.mark.xfail(strict=True, reason="open: the pipeline's easyocr lines differ from easyocr served alone on the "
-                                       "same 320x180 frames (seen on the first frame); not yet explained")
-def test_synthetic_text_equals_easyocr_served_alone(synthetic, triton, inputs):
-    frames = by_name(synthetic[0])["small.mp4"].frames
-    client = triton.client("grpc")
-    client.timeout = TIMEOUT
-    lines = [client.read_text(s.image) for s in media.sample_frames(inputs["video"], FPS)]
-    assert sum(map(len, lines)) > 0  # the synthetic recogniser reads something: the comparison is not empty
-    assert [f.text for f in frames] == lines
+# -- real weights: what the pipeline hears and reads -----------------------------------------------------------------
+
+REAL_FPS = 0.5  # 10 frames: every on-screen text is shown on two or three of them
+MAX_WER = 0.2
+WORD_SLACK = 1.0  # seconds a word's time may lie outside its sentence (whisper's DTW alignment of espeak-ng speech)
+
+
+@pytest.fixture(scope="module")
+def real_run(real_triton, media_dir, tmp_path_factory):
+    """`analyze` of the 640x360 test video on the real-weights server (Whisper base, EasyOCR English; YOLO is
+    synthetic there), greedy: (the video's analysis, the video's ground truth)."""
+    analysis = pipeline.analyze([media_dir / "medium.mp4"], real_triton.grpc_url,
+                                options=Options(fps=REAL_FPS, temperature=[0.0]),
+                                out=tmp_path_factory.mktemp("real_analysis"), timeout=TIMEOUT)
+    video = analysis.inputs[0]
+    assert video.error is None and len(video.frames) == 10
+    return video, json.loads((media_dir / "truth.json").read_text())
+
+
+def test_real_transcript_hears_each_sentence_when_it_is_spoken(real_run):
+    video, truth = real_run
+    heard = video.transcript
+    wer = error_rate([(english_words(" ".join(s["text"] for s in truth["speech"])), english_words(heard.text))])
+    print(f"\nWER {wer:.3f}: {heard.text!r}")
+    assert wer <= MAX_WER
+    words = [w for s in heard.segments for w in s.words]
+    for spoken in truth["speech"]:
+        during = [w for w in words if spoken["start"] - WORD_SLACK <= w.start and w.end <= spoken["end"] + WORD_SLACK]
+        assert len(during) >= len(spoken["text"].split()) * (1 - MAX_WER), (spoken, during)
+        assert abs(during[0].start - spoken["start"]) <= WORD_SLACK, (spoken, during[0])
+    assert all(any(s["start"] - WORD_SLACK <= w.start and w.end <= s["end"] + WORD_SLACK for s in truth["speech"])
+               for w in words), "a word timed where nothing is spoken"
+
+
+def test_real_text_is_read_on_every_frame_that_shows_it(real_run):
+    """Every word of each on-screen text is read on each analysed frame showing it (OCR may split a line into
+    words), and a text event holding it starts at the first of those frames."""
+    video, truth = real_run
+    for shown in truth["texts"]:
+        frames = [f for f in video.frames if shown["start"] <= f.time < shown["end"]]
+        assert len(frames) >= 2, shown
+        for frame in frames:
+            read = {word for line in frame.text for word in map(events.normalise, line.text.split())}
+            assert {events.normalise(w) for w in shown["text"].split()} <= read, (shown, frame.time, frame.text)
+        for word in map(events.normalise, shown["text"].split()):
+            assert any(e.start == frames[0].time and word in map(events.normalise, e.text.split())
+                       for e in video.text_events), (shown, word, video.text_events)

@@ -10,6 +10,7 @@ import cv2
 import easyocr_en_models
 import numpy as np
 import pytest
+from real_speech import edit_distance
 
 from export.easyocr import write_weights
 from trident_serving.errors import InvalidInput
@@ -142,14 +143,3 @@ def reading_order(lines: list[Line]) -> list[Line]:
         else:
             rows.append([i])
     return [lines[i] for row in rows for i in sorted(row, key=lambda i: along[i])]
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions)."""
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from conftest import Server
 from trident import Client
-from real_speech import TRUTH, edit_distance, faster_whisper_transcripts, language_of, load_clip
+from real_speech import TRUTH, english_words, error_rate, faster_whisper_transcripts, language_of, load_clip
 from test_whisper import shared_steps, worker_metrics
-from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
+from whisper.normalizers import BasicTextNormalizer
 
 from trident_serving.audio import SAMPLE_RATE
 
@@ -35,17 +35,8 @@ MAX_KO_CER = 0.70  # Korean espeak-ng speech and a base model: see the module do
 TIMEOUT = 600.0  # seconds per request: base on two shared CPU cores can be slow (the client default is 120)
 
 
-def english_words(text: str) -> list[str]:
-    return EnglishTextNormalizer()(text).split()
-
-
 def korean_chars(text: str) -> list[str]:
     return list(re.sub(r"\s", "", BasicTextNormalizer()(text)))
-
-
-def error_rate(pairs: list[tuple[list[str], list[str]]]) -> float:
-    """Edits over reference length, summed over (reference, hypothesis) pairs."""
-    return sum(edit_distance(ref, hyp) for ref, hyp in pairs) / sum(len(ref) for ref, _ in pairs)
 
 
 @pytest.fixture(scope="module")

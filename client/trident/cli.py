@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--json", action="store_true", help="print JSON lines")
 
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `trident ... | head` ends quietly
     if args.command == "stats":
         return _stats(args)
     if args.command == "analyze":
@@ -200,5 +199,12 @@ def _show_lines(path: str, lines: list[TextLine]) -> None:
         print(f"  {line.score:.3f}  {line.text}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `trident` command. Only here, not in `main` (which a program may call): a closed pipe ends the process
+    quietly (`trident ... | head`), where Python would raise BrokenPipeError on the next print."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

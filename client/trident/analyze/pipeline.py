@@ -22,7 +22,7 @@ import asyncio
 import concurrent.futures
 import math
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Awaitable, Iterator, Sequence, TypeVar
 
@@ -241,8 +241,8 @@ def shifted(transcript: Transcription, offset: float) -> Transcription:
 
 
 def _media_info(info: media.MediaInfo) -> MediaInfo:
-    return MediaInfo(duration=info.duration, has_video=info.has_video, has_audio=info.has_audio, width=info.width,
-                     height=info.height, fps=info.fps, video_codec=info.video_codec, audio_codec=info.audio_codec)
+    """The part of what `media.probe` found that an analysis records (its schema's `media`)."""
+    return MediaInfo(**{f.name: getattr(info, f.name) for f in fields(MediaInfo)})
 
 
 class _Bars:
