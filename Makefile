@@ -90,8 +90,8 @@ demo: venv
 	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) ocr $$ocr || status=1; \
 	echo ">>> trident analyze: the 20 s test video (speech, photos, on-screen text) -> build/demo-analysis/report.html"; \
 	$(PY) tests/data/make_media.py build/demo-media >/dev/null && \
-	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) analyze build/demo-media/video.mp4 --temperature 0 \
-	  --out build/demo-analysis || status=1; \
+	$(VENV)/bin/trident --url localhost:$(GRPC_PORT) analyze build/demo-media/video.mp4 --fps 0.5 \
+	  --temperature 0 --out build/demo-analysis || status=1; \
 	$(PY) -m trident_serving.server stop; exit $$status
 
 # GPU host (Docker + NVIDIA Container Toolkit): README, "Deploy on a GPU host". DRY_RUN=1 prints the commands only
