@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import functools
 import os
 import re
 import subprocess
 import sys
 import time
 import urllib.request
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-import cv2
-import numpy as np
 import pytest
 import tritonclient.grpc
 
@@ -143,6 +140,17 @@ class Server:
                 counts[batch.batch_size] = counts.get(batch.batch_size, 0) + batch.compute_infer.count
         return sum(entry.inference_count for entry in stats.model_stats), counts
 
+    def executions_since(self, model: str, before: tuple[int, dict[int, int]], inferences: int,
+                         timeout: float = 30.0) -> dict[int, int]:
+        """`model`'s executions by batch size since `before` (a `batch_executions()`), once Triton's statistics
+        count `inferences` more inferences: they are recorded after the responses are sent."""
+        deadline = time.monotonic() + timeout
+        while (now := self.batch_executions(model))[0] - before[0] < inferences:
+            assert time.monotonic() < deadline, f"Triton's statistics never counted {inferences} {model} inferences"
+            time.sleep(0.1)
+        since = {size: n - before[1].get(size, 0) for size, n in now[1].items()}
+        return {size: n for size, n in since.items() if n}
+
     def instances(self, model: str) -> int:
         """How many instances of `model` the server runs (its loaded config)."""
         config = tritonclient.grpc.InferenceServerClient(self.grpc_url).get_model_config(model, as_json=True)
@@ -170,21 +178,24 @@ class Server:
         return result
 
 
-@functools.cache
-def _slow_image() -> bytes:
-    """A 50 MP JPEG: seconds for a CPU instance of `detect` to decode."""
-    return cv2.imencode(".jpg", np.full((7000, 7000, 3), 90, np.uint8))[1].tobytes()
+@contextlib.contextmanager
+def detect_gathering(triton: "Server", batch: int, seconds: float) -> Iterator[None]:
+    """The server's `detect` loaded (Triton's load with a config override) with one instance whose dynamic
+    batcher waits up to `seconds` for `batch` requests (preferred_batch_size): requests sent within that time run
+    as one execution, whatever the machine's speed. (Triton's batcher promises no batch otherwise: a test that
+    needs one gathers it.) The exported config is loaded back afterwards (a plain load would keep the
+    override). Both loads leave out the warm-up, as the exported config has none."""
+    import tritonclient.http as httpclient
 
-
-def hold_detect(client: Client, pool: ThreadPoolExecutor) -> list[Future]:
-    """Keep both instances of `detect` busy for seconds with two slow requests, sent through `pool`; returns
-    their futures once they are executing. Each carries IOU_THRESHOLD and its own set of the other optional
-    inputs: Triton batches only requests with the same set, so requests sent meanwhile without IOU_THRESHOLD
-    neither join them nor find an idle instance, and queue."""
-    futures = [pool.submit(client.detect, _slow_image(), None, 0.7),
-               pool.submit(client.detect, _slow_image(), 0.5, 0.7)]
-    time.sleep(0.5)  # sent and started: the decoding takes seconds
-    return futures
+    exported = httpclient.InferenceServerClient(triton.http_url).get_model_config("detect")
+    gathering = {**exported, "instance_group": [{**exported["instance_group"][0], "count": 1}],
+                 "dynamic_batching": {**exported["dynamic_batching"], "preferred_batch_size": [batch],
+                                      "max_queue_delay_microseconds": int(seconds * 1e6)}}
+    triton.load_config("detect", gathering)
+    try:
+        yield
+    finally:
+        assert triton.load_config("detect", exported) == exported
 
 
 @contextlib.contextmanager

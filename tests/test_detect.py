@@ -1,12 +1,9 @@
 """`detect` and `yolov8` over the real server: parity with ultralytics, batching, bad input."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -16,7 +13,7 @@ from ultralytics.utils import ASSETS
 from trident import InvalidInputError
 from trident import stats
 
-from conftest import hold_detect
+from conftest import detect_gathering
 
 pytestmark = pytest.mark.yolo
 CONF = 0.05  # synthetic weights: dozens of boxes per image at this threshold (asserted below)
@@ -153,24 +150,20 @@ def test_ultralytics_triton_client(triton, images, scheme):
 
 
 def test_concurrent_requests_are_batched(triton, images):
-    before = triton.metrics()
+    """Eight concurrent requests, gathered into one execution of `detect` (detect_gathering), reach `yolov8` as
+    one BLS call: one execution of eight there too; each image gets the detections it gets alone."""
     paths = [images[n] for n in ("bus.jpg", "zidane.jpg", "odd_333x517.png", "gray.png")] * 2
     client = triton.client("grpc")
-    with ThreadPoolExecutor(2) as pool:
-        leaders = hold_detect(client, pool)  # so that the burst queues even when the client is slow to send it
-        results = triton.batched("detect", lambda: client.detect_many(paths, conf=CONF, concurrency=len(paths)))
-    for leader in leaders:
-        leader.result()  # raises what a leader failed with
-    assert len(results) == len(paths) and all(len(r) >= 24 for r in results)
-    for same in range(4):  # the same image always gives the same answer, whatever its batch
-        np.testing.assert_allclose(results[same].boxes, results[same + 4].boxes, atol=1e-3)
-    sent = len(paths) + len(leaders)
-    after = triton.metrics_after({("nv_inference_count", model): sent for model in ("detect", "yolov8")}, before)
-    for model in ("detect", "yolov8"):  # a batch of detect reaches yolov8 as one request: batched there too
-        inferences = after[("nv_inference_count", model)] - before.get(("nv_inference_count", model), 0)
-        executions = after[("nv_inference_exec_count", model)] - before.get(("nv_inference_exec_count", model), 0)
-        assert inferences == sent
-        assert executions < inferences, f"{model}: {executions} executions for {inferences} inferences"
+    alone = {path: client.detect(path, conf=CONF) for path in set(paths)}
+    with detect_gathering(triton, len(paths), seconds=30):
+        before = {model: triton.batch_executions(model) for model in ("detect", "yolov8")}
+        results = client.detect_many(paths, conf=CONF, concurrency=len(paths))
+        for model in ("detect", "yolov8"):
+            assert triton.executions_since(model, before[model], len(paths)) == {len(paths): 1}, model
+    for path, result in zip(paths, results):
+        assert len(result) >= 24
+        np.testing.assert_allclose(result.boxes, alone[path].boxes, atol=1e-3)
+        assert [d.class_id for d in result.detections] == [d.class_id for d in alone[path].detections]
 
 
 def _truncated_jpeg(images) -> bytes:
@@ -213,25 +206,6 @@ def send_together(url: str, images: list[bytes]) -> list:
     return [answers[i] for i in range(len(images))]
 
 
-@contextlib.contextmanager
-def detect_gathering(triton, batch: int, seconds: float):
-    """The session server's `detect` loaded (Triton's load with a config override) with one instance whose
-    dynamic batcher waits up to `seconds` for `batch` requests (preferred_batch_size): requests sent within that
-    time run as one execution, whatever the machine's speed. The exported config is loaded back afterwards
-    (a plain load would keep the override). Both loads leave out the warm-up, as the exported config has none."""
-    import tritonclient.http as httpclient
-
-    exported = httpclient.InferenceServerClient(triton.http_url).get_model_config("detect")
-    gathering = {**exported, "instance_group": [{**exported["instance_group"][0], "count": 1}],
-                 "dynamic_batching": {**exported["dynamic_batching"], "preferred_batch_size": [batch],
-                                      "max_queue_delay_microseconds": int(seconds * 1e6)}}
-    triton.load_config("detect", gathering)
-    try:
-        yield
-    finally:
-        assert triton.load_config("detect", exported) == exported
-
-
 def test_bad_input_does_not_fail_the_rest_of_the_batch(triton, images):
     """Bad images batched with good ones: the bad ones are answered INVALID_ARG, the good ones get the
     detections they get alone. Batched for certain: `detect` waits for eight requests (detect_gathering), and
@@ -242,14 +216,9 @@ def test_bad_input_does_not_fail_the_rest_of_the_batch(triton, images):
     mixed = [bad if i in (1, 6) else good for i in range(8)]
     url = f"http://127.0.0.1:{triton.options.metrics_port}/metrics"
     with detect_gathering(triton, len(mixed), seconds=30):
-        before, (count_before, batches_before) = stats.scrape(url), triton.batch_executions("detect")
+        before, executions = stats.scrape(url), triton.batch_executions("detect")
         answers = send_together(triton.grpc_url, mixed)
-        deadline = time.monotonic() + 30  # statistics are recorded after the responses are sent
-        while (count := triton.batch_executions("detect"))[0] - count_before < len(mixed):
-            assert time.monotonic() < deadline, "Triton's statistics never counted the eight requests"
-            time.sleep(0.1)
-        executions = {size: n - batches_before.get(size, 0) for size, n in count[1].items()}
-        assert {size: n for size, n in executions.items() if n} == {len(mixed): 1}
+        assert triton.executions_since("detect", executions, len(mixed)) == {len(mixed): 1}
         bls_images = (stats.scrape(url).total("trident_detect_bls_call_images_sum", model="detect")
                       - before.total("trident_detect_bls_call_images_sum", model="detect"))
     assert bls_images == 6  # the good images went to yolov8, the bad ones did not

@@ -139,16 +139,16 @@ def test_default_schedule_falls_back_on_the_same_windows(triton, model, clips):
 
 
 def test_concurrent_mixed_lengths_get_what_they_get_alone(triton, clips):
-    """16 requests of four lengths at once get what each got alone, and the worker decoded them in shared steps:
+    """8 requests of four lengths at once get what each got alone, and the worker decoded them in shared steps:
     the same windows as alone, in fewer steps (its step histogram; whisper batches in its worker, and Triton's
     execution count says nothing about that)."""
-    client = Client(triton.grpc_url, timeout=600)  # a 16-window step on a busy 2-core CPU can outlast the 120 s default
-    names = ["long", "en", "ko", "noise"] * 4
+    client = Client(triton.grpc_url, timeout=600)  # an 8-window step on a busy 2-core CPU can outlast the 120 s default
+    names = ["long", "en", "ko", "noise"] * 2
     start = worker_metrics(triton)
     assert whisper_total(start, metrics.WHISPER_ACTIVE.name) == 0, "whisper still works on an earlier request"
     alone = {name: client.transcribe(clips[name], temperature=GREEDY) for name in set(names)}
     before = worker_metrics(triton)  # each step's metrics are published before its requests are answered
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(len(names)) as pool:
         results = list(pool.map(lambda n: client.transcribe(clips[n], temperature=GREEDY), names))
     after = worker_metrics(triton)
     for name, result in zip(names, results):
@@ -158,9 +158,9 @@ def test_concurrent_mixed_lengths_get_what_they_get_alone(triton, clips):
         return whisper_total(second, name) - whisper_total(first, name)
 
     windows, steps = f"{metrics.WHISPER_STEP_WINDOWS.name}_sum", f"{metrics.WHISPER_STEP_WINDOWS.name}_count"
-    assert delta(before, after, "nv_inference_count") == 16
+    assert delta(before, after, "nv_inference_count") == len(names)
     assert delta(start, before, windows) == delta(start, before, steps) >= 4, "one window per step, alone"
-    assert delta(before, after, windows) == 4 * delta(start, before, windows)  # the same windows...
+    assert delta(before, after, windows) == 2 * delta(start, before, windows)  # the same windows...
     assert shared_steps(after) > shared_steps(before), "no step decoded two requests' windows together"
     assert delta(before, after, steps) < delta(before, after, windows)  # ...in fewer steps
 
