@@ -208,7 +208,7 @@ class Load:
         self.client = triton.client("grpc")
         self.models, self.calls, self.stop = models, [], threading.Event()
         self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self.loop, args=(m,)) for m in models for _ in range(2)]
+        self.threads = [threading.Thread(target=self.loop, args=(m,)) for m in models]  # one each: 2 CPU cores
 
     def loop(self, model: str) -> None:
         try:
