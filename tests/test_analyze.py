@@ -12,8 +12,8 @@ Real weights (the real-weights server: Whisper base, EasyOCR English; YOLO synth
 test video at 0.5 frame/s: the transcript's word error rate is at most 0.2 (measured 0.091: "a city must wait" for
 "a city bus waits", "jump" for "jumps"), each sentence's words are timed while it is spoken, and every word of
 each on-screen text is read on every analysed frame showing it, in a text event starting at the first of them.
-By hand on the 720p video at 1 frame/s: WER 0.097, every on-screen text read; EasyOCR English takes ~10 s of
-this 2-core CPU per 720p frame, ~1.3 s per 640x360 frame.
+By hand on the 720p video at 1 frame/s: WER 0.097, every on-screen text read; EasyOCR English takes ~6 s of
+this 2-core CPU per 720p frame (perf.pipeline), ~1.3 s per 640x360 frame.
 """
 from __future__ import annotations
 
