@@ -95,9 +95,12 @@ def supervised(tmp_path):
     address, began = f"127.0.0.1:{http}", time.time()
     try:
         deadline = time.monotonic() + 120
-        while not supervisor.check(address)[0]:
+        # ready, and the supervisor has looked at both models' stubs: a stub killed before its first look would
+        # never be missed (a fresh-clone CI once killed one 0.3 s after ready, before that look)
+        while not (supervisor.check(address)[0] and all(f"watching model '{name}'" in log.read_text(errors="replace")
+                                                        for name in ("slow_reload", "failing_reload"))):
             assert process.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "the echo models did not load in time"
+            assert time.monotonic() < deadline, "the echo models did not load (and get watched) in time"
             time.sleep(0.2)
         yield process, address, log, repository
     finally:

@@ -258,7 +258,11 @@ class Supervisor:
             return  # not serving yet (loading at start) or shutting down: nothing to compare against
         with self.lock:
             states = {m: ("RECOVERING" if m in self.recovering else s) for m, s in states.items()}
+            watched = {model for model, pids in self.watch.known.items() if pids}
             dead = self.watch.update(stubs, states)
+            for model, pids in sorted(self.watch.known.items()):
+                if pids and model not in watched:  # from now on their deaths are seen; one before this look is not
+                    log.info("watching model %r: stub processes %s", model, sorted(pids.values()))
             for model, pids in dead.items():
                 log.error("stub process %s of model %r died: reloading the model", pids, model)
                 self.recovering.add(model)
