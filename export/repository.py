@@ -10,6 +10,9 @@ from typing import Callable
 
 # The committed repository: config.pbtxt and 1/model.py of every model live here.
 DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
+# What an export into DEFAULT_REPO (`make demo`, `make export`) leaves beside the committed files (.gitignore): not
+# staged elsewhere, where it would stand for weights that repository was never given.
+EXPORTED = ("__pycache__", "weights", "*.pt", "*.pth", "*.onnx", "*.plan", "*.engine", "trt_cache")
 
 
 def stage_model(repo: Path, name: str) -> Path:
@@ -18,7 +21,7 @@ def stage_model(repo: Path, name: str) -> Path:
     target = repo / name
     source = DEFAULT_REPO / name
     if repo != DEFAULT_REPO and source.is_dir():
-        shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*EXPORTED))
     (target / "1").mkdir(parents=True, exist_ok=True)
     return target
 
