@@ -12,7 +12,7 @@
 #
 # Environment: WEIGHTS (official | synthetic: every model's default), YOLO_WEIGHTS, WHISPER_WEIGHTS,
 # EASYOCR_WEIGHTS (official | synthetic | a local file or folder for that model), WHISPER_SIZE, ENGINE
-# (tensorrt | onnxruntime), MAX_BATCH, PYTHON, TRIDENT, DRY_RUN=1 (print every command, run nothing),
+# (tensorrt | onnxruntime), MAX_BATCH, LETTERBOX (rect | square: detect's letterbox), PYTHON, TRIDENT, DRY_RUN=1 (print every command, run nothing),
 # CHECK_ONLY=1 (step 1 only: is this host ready?).
 # .env fills in what the environment leaves unset (ports, START_PERIOD_SECONDS, the server's settings).
 set -euo pipefail
@@ -29,6 +29,7 @@ WEIGHTS=${WEIGHTS:-official}
 WHISPER_SIZE=${WHISPER_SIZE:-small}
 ENGINE=${ENGINE:-tensorrt}
 MAX_BATCH=${MAX_BATCH:-64}
+LETTERBOX=${LETTERBOX:-rect}
 PYTHON=${PYTHON:-.venv-deploy/bin/python}
 TRIDENT=${TRIDENT:-.venv-deploy/bin/trident}
 # torch 2.10 in the image is built with CUDA 12.8: R570+ runs it natively; an older driver only through CUDA's
@@ -116,11 +117,11 @@ run docker compose build triton
 step "4/6 yolov8 ($ENGINE, weights $YOLO_WEIGHTS)"
 if [ "$ENGINE" = tensorrt ]; then
   # build_engine.sh prints its own commands (and runs nothing under DRY_RUN).
-  DRY_RUN="$DRY_RUN" REPO="$REPO" YOLO_WEIGHTS="$YOLO_WEIGHTS" MAX_BATCH="$MAX_BATCH" PYTHON="$PYTHON" \
-    deploy/build_engine.sh | sed 's/^/    /'
+  DRY_RUN="$DRY_RUN" REPO="$REPO" YOLO_WEIGHTS="$YOLO_WEIGHTS" MAX_BATCH="$MAX_BATCH" LETTERBOX="$LETTERBOX" \
+    PYTHON="$PYTHON" deploy/build_engine.sh | sed 's/^/    /'
 else
   run "$PYTHON" -m export yolo --weights "$YOLO_WEIGHTS" --flavour onnxruntime --kind gpu \
-    --max-batch-size "$MAX_BATCH" --repo "$REPO" || fail "$export_hint"
+    --max-batch-size "$MAX_BATCH" --letterbox "$LETTERBOX" --repo "$REPO" || fail "$export_hint"
 fi
 
 # Docker declares the service unhealthy at most 3 failed checks (10 s apart, 5 s each) after the start period.

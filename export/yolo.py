@@ -6,7 +6,10 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
+
+from trident_serving.yolo import LETTERBOX_MODES
 
 from .download import CACHE_DIR, DownloadError, fetch, file_digest
 from .repository import (add_common_arguments, pbtxt_string, resolve_weights, set_instance_count, set_instance_kind,
@@ -31,6 +34,10 @@ ENGINE_INFO = "engine.json"
 ANCHORS = sum((IMGSZ // stride) ** 2 for stride in (8, 16, 32))  # 8400 predictions per image at 640
 # detect's parameter holding yolov8's max_batch_size: it splits its BLS calls to yolov8 by this many images.
 DETECT_BLS_BATCH = "yolov8_max_batch_size"
+# detect's letterbox modes (trident_serving.yolo.LETTERBOX_MODES): rect, predict()'s default, needs `yolov8` with
+# dynamic height and width; square pads every image to 640x640 and runs on a static engine.
+MIN_SIDE = 32  # rect's smallest side (one stride), for an image 20 times wider than high
+OPT_HW = (384, 640)  # a 16:9 frame letterboxed rect: the shape TensorRT tunes its kernels for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "engine built by `make engines`) or python (local server)")
     parser.add_argument("--max-batch-size", type=int, default=64,
                         help="max_batch_size of yolov8 (and the TensorRT batch profile's maximum; default 64)")
+    parser.add_argument("--letterbox", choices=LETTERBOX_MODES, default="rect",
+                        help="how detect letterboxes: rect (default, predict()'s default: minimal padding, yolov8 "
+                             "with dynamic height and width; 16:9 frames run at 384x640) or square (every image "
+                             "padded to 640x640, for static engines)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -66,13 +77,12 @@ def run(args: argparse.Namespace) -> None:
     if args.flavour == "tensorrt":
         # The engine was built (by `make engines`) from the model.onnx already in the repository: keep both,
         # and copy nothing over them.
-        check_engine(Path(args.repo), weights, args.max_batch_size)
+        check_engine(Path(args.repo), weights, args.max_batch_size, args.letterbox)
         yolov8 = Path(args.repo) / "yolov8"
-        metadata = model_metadata(weights)
+        metadata = model_metadata(weights, args.letterbox)
     else:
         yolov8 = stage_model(args.repo, "yolov8")
-        onnx_path, metadata = export_onnx(weights)
-        shutil.copy(onnx_path, yolov8 / "1" / "model.onnx")
+        metadata = export_onnx(weights, args.letterbox, yolov8 / "1" / "model.onnx")
     (yolov8 / "trt_cache").mkdir(exist_ok=True)  # onnxruntime's TensorRT engine cache (mounted writable)
     (yolov8 / "config.pbtxt").write_text(yolov8_config(args.flavour, kind, args.max_batch_size, metadata))
     detect = stage_model(args.repo, "detect")
@@ -82,17 +92,30 @@ def run(args: argparse.Namespace) -> None:
         set_instance_count(config, CPU_INSTANCES)
     set_parameter(config, "metadata", json.dumps(metadata))
     set_parameter(config, DETECT_BLS_BATCH, str(args.max_batch_size))
+    set_parameter(config, "letterbox", args.letterbox)
     write_manifest(args.repo, "yolov8", {"weights": str(weights), "synthetic": args.weights == "synthetic",
-                                         "size": size, "flavour": args.flavour})
-    print(f"yolov8 ({args.flavour}, {kind}) and detect written to {Path(args.repo).resolve()} from {weights}")
+                                         "size": size, "flavour": args.flavour, "letterbox": args.letterbox})
+    print(f"yolov8 ({args.flavour}, {kind}) and detect ({args.letterbox} letterbox) written to "
+          f"{Path(args.repo).resolve()} from {weights}")
 
 
-def check_engine(repo: Path, weights: Path, max_batch_size: int) -> None:
+def profile_shapes(letterbox: str, max_batch_size: int) -> dict[str, str]:
+    """TensorRT's optimisation profile of `images` (min, opt, max) for a letterbox mode, as trtexec and
+    onnxruntime's TensorRT provider write it: rect covers every multiple of the stride up to 640 on each side.
+    deploy/build_engine.sh builds the same profile; `check_engine` compares what it recorded."""
+    sides = {"min": (MIN_SIDE, MIN_SIDE), "opt": OPT_HW, "max": (IMGSZ, IMGSZ)}
+    if letterbox == "square":
+        sides = dict.fromkeys(sides, (IMGSZ, IMGSZ))
+    batches = {"min": 1, "opt": opt_batch_size(max_batch_size), "max": max_batch_size}
+    return {k: f"images:{batches[k]}x3x{h}x{w}" for k, (h, w) in sides.items()}
+
+
+def check_engine(repo: Path, weights: Path, max_batch_size: int, letterbox: str) -> None:
     """Refuse (SystemExit, saying how to fix it) unless `yolov8/1/model.plan` is a current engine for `weights`.
 
     `deploy/build_engine.sh` writes the plan and `yolov8/engine.json` (the SHA-256 of the model.onnx it was built
-    from, its batch profile): the plan must come from the model.onnx in the repository, exported from these
-    weights, with a profile whose maximum is the config's max_batch_size.
+    from, its profile): the plan must come from the model.onnx in the repository, exported from these weights,
+    with a profile whose maximum is the config's max_batch_size and whose shapes are the letterbox mode's.
     """
     yolov8 = Path(repo) / "yolov8"
     plan, info_path, onnx = yolov8 / "1" / "model.plan", yolov8 / ENGINE_INFO, yolov8 / "1" / "model.onnx"
@@ -111,6 +134,11 @@ def check_engine(repo: Path, weights: Path, max_batch_size: int) -> None:
     if info.get("max_batch_size") != max_batch_size:
         raise SystemExit(f"{plan} has a batch profile up to {info.get('max_batch_size')}, the config asks for "
                          f"--max-batch-size {max_batch_size}: rebuild with MAX_BATCH={max_batch_size}; {how}")
+    expected = profile_shapes(letterbox, max_batch_size)
+    built = {k: info.get(f"{k}_shapes", "unknown") for k in ("min", "max")}  # opt only tunes speed
+    if built != {k: expected[k] for k in built}:
+        raise SystemExit(f"{plan} was built for shapes {built['min']} to {built['max']}, --letterbox {letterbox} "
+                         f"sends {expected['min']} to {expected['max']}: rebuild with LETTERBOX={letterbox}; {how}")
 
 
 def check_checkpoint(path: Path, size: str | None = None) -> str:
@@ -160,7 +188,8 @@ def synthetic_checkpoint(size: str, seed: int) -> Path:
     model = YOLO(f"yolov8{size}.yaml", task="detect")
     network = model.model
     samples = [images.decode_image(p.read_bytes()) for p in sorted(ASSETS.glob("*.jpg"))]
-    batch = yolo.to_model_input([yolo.letterbox(image) for image in samples], torch.device("cpu"))
+    # square: the samples' shapes differ, and one batch needs one
+    batch = yolo.to_model_input([yolo.letterbox(image, mode="square") for image in samples], torch.device("cpu"))
     for module in network.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
@@ -179,29 +208,42 @@ def synthetic_checkpoint(size: str, seed: int) -> Path:
     return path
 
 
-def export_onnx(weights: Path) -> tuple[Path, dict]:
-    """ONNX with dynamic batch through ultralytics' exporter; returns its path and the model metadata."""
+def export_onnx(weights: Path, letterbox: str, destination: Path) -> dict:
+    """ONNX with dynamic batch, height and width through ultralytics' exporter, written to `destination`;
+    returns the model metadata.
+
+    ultralytics writes the ONNX next to the weights it loads: it loads a private copy of them, so that two exports
+    of one cached checkpoint at once (two repositories, a test beside a benchmark) never write the same file.
+    """
     from ultralytics import YOLO
 
-    model = YOLO(str(weights), task="detect")
-    onnx_path = Path(model.export(format="onnx", dynamic=True, simplify=False, imgsz=IMGSZ, verbose=False))
-    return onnx_path, model_metadata(weights, model)
+    with tempfile.TemporaryDirectory(prefix="trident-yolo-") as folder:
+        private = Path(folder) / weights.name
+        shutil.copy(weights, private)
+        model = YOLO(str(private), task="detect")
+        shutil.copy(model.export(format="onnx", dynamic=True, simplify=False, imgsz=IMGSZ, verbose=False),
+                    destination)
+    return model_metadata(weights, letterbox, model)
 
 
-def model_metadata(weights: Path, model=None) -> dict:
-    """What ultralytics' Triton client and `detect` need to know: class names, stride and the input size."""
+def model_metadata(weights: Path, letterbox: str, model=None) -> dict:
+    """What ultralytics' Triton client and `detect` need to know: class names, stride, the input size, and
+    whether `yolov8` takes any height and width (rect) or only the square."""
     if model is None:
         from ultralytics import YOLO
 
         model = YOLO(str(weights), task="detect")
     names = {int(k): v for k, v in model.names.items()}
-    # `dynamic: False` keeps ultralytics' HTTP client letterboxing to the square input the config declares.
+    # ultralytics' Triton client letterboxes rect, as predict() does by default, when its export arguments say
+    # `dynamic` (args.dynamic, as its own exporter writes them); false keeps it to a static config's square.
+    dynamic = letterbox == "rect"
     return {"task": "detect", "stride": int(max(model.model.stride)), "imgsz": [IMGSZ, IMGSZ],
-            "batch": 1, "dynamic": False, "names": names}
+            "batch": 1, "dynamic": dynamic, "args": {"dynamic": dynamic}, "names": names}
 
 
 def yolov8_config(flavour: str, kind: str, max_batch_size: int, metadata: dict) -> str:
-    """config.pbtxt of `yolov8` for one serving flavour; the I/O signature is identical in all of them."""
+    """config.pbtxt of `yolov8` for one serving flavour; the I/O signature is identical in all of them.
+    Height and width are dynamic when the metadata says so (rect letterbox), else 640x640."""
     backend = {"onnxruntime": 'backend: "onnxruntime"', "tensorrt": 'platform: "tensorrt_plan"',
                "python": 'backend: "python"'}[flavour]
     model_file = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}[flavour]
@@ -210,7 +252,7 @@ def yolov8_config(flavour: str, kind: str, max_batch_size: int, metadata: dict) 
         # TensorRT inside onnxruntime, the fallback when no trtexec engine is built: the engine it builds on first
         # load is cached in the model folder (writable mount, see docker-compose.yml) for one batch profile
         # 1..max_batch_size, so a restart reuses it; the warm-up below builds it before the model is READY.
-        shape = f"images:{{}}x3x{IMGSZ}x{IMGSZ}"
+        shapes = profile_shapes("rect" if metadata["dynamic"] else "square", max_batch_size)
         cache = f"{CONTAINER_REPO}/yolov8/trt_cache"
         accelerator = f"""
 optimization {{ execution_accelerators {{ gpu_execution_accelerator [ {{
@@ -221,11 +263,11 @@ optimization {{ execution_accelerators {{ gpu_execution_accelerator [ {{
   parameters {{ key: "trt_engine_cache_path" value: "{cache}" }}
   parameters {{ key: "trt_timing_cache_enable" value: "true" }}
   parameters {{ key: "trt_timing_cache_path" value: "{cache}" }}
-  parameters {{ key: "trt_profile_min_shapes" value: "{shape.format(1)}" }}
-  parameters {{ key: "trt_profile_opt_shapes" value: "{shape.format(opt_batch_size(max_batch_size))}" }}
-  parameters {{ key: "trt_profile_max_shapes" value: "{shape.format(max_batch_size)}" }}
+  parameters {{ key: "trt_profile_min_shapes" value: "{shapes['min']}" }}
+  parameters {{ key: "trt_profile_opt_shapes" value: "{shapes['opt']}" }}
+  parameters {{ key: "trt_profile_max_shapes" value: "{shapes['max']}" }}
 }} ] }} }}"""
-    # Warm-up: zeros are as good as an image for a fixed-shape network. On a GPU, batch 1 and the largest batch
+    # Warm-up: zeros are as good as an image, at the largest shape. On a GPU, batch 1 and the largest batch
     # (kernel selection, the allocator's pools, TensorRT's profile); on a CPU there is nothing lazy to front-load
     # and a batch of 64 images costs ~0.5 TFLOP at every start, so batch 1 only.
     batches = sorted({1, max_batch_size}) if kind == "gpu" else [1]
@@ -234,13 +276,14 @@ optimization {{ execution_accelerators {{ gpu_execution_accelerator [ {{
         f'dims: [ 3, {IMGSZ}, {IMGSZ} ] zero_data: true }} }} }}' for batch in batches)
     # No queue delay: `detect` hands it whole batches, and under load requests queue while the instance is busy
     # and form the next batch; a delay only adds latency at low load (perf/LOG.md).
+    side, anchors = (-1, -1) if metadata["dynamic"] else (IMGSZ, ANCHORS)
     # ultralytics' client parses this as a Python literal (ast.literal_eval), hence repr().
     return f"""name: "yolov8"
 {backend}
 default_model_filename: "{model_file}"
 max_batch_size: {max_batch_size}
-input [ {{ name: "images" data_type: TYPE_FP32 dims: [ 3, {IMGSZ}, {IMGSZ} ] }} ]
-output [ {{ name: "output0" data_type: TYPE_FP32 dims: [ {4 + len(metadata['names'])}, {ANCHORS} ] }} ]
+input [ {{ name: "images" data_type: TYPE_FP32 dims: [ 3, {side}, {side} ] }} ]
+output [ {{ name: "output0" data_type: TYPE_FP32 dims: [ {4 + len(metadata['names'])}, {anchors} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 0 default_queue_policy {{ max_queue_size: 256 }} }}
 instance_group [ {{ count: {CPU_INSTANCES if kind == "cpu" else 1} kind: KIND_{kind.upper()} }} ]{accelerator}
 model_warmup [

@@ -1,4 +1,5 @@
-"""`python -m perf`: benchmark the served models with perf_analyzer, batching on and off, against baselines.
+"""`python -m perf`: benchmark the served models with perf_analyzer, batching on and off, detect's rect and
+square letterbox, against baselines.
 
     python -m perf                       # cpu mode (no GPU) or gpu mode: export, start a server, measure, report
     python -m perf --mode cpu --models detect,easyocr
@@ -71,7 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics-url", default=None, help="its metrics endpoint, e.g. 127.0.0.1:8002/metrics")
     parser.add_argument("--no-toggle", action="store_true",
                         help="measure the models as loaded (no explicit-mode load/unload; batching on only)")
-    parser.add_argument("--batching", default="on,off", help="on,off (default) or one of them")
+    parser.add_argument("--batching", default=",".join(suite.VARIANTS),
+                        help="variants to measure: on,off,square (default) or some of them; square: batching on "
+                             "with detect's square letterbox (detect only)")
     parser.add_argument("--concurrency", default=None, help="comma separated levels (default: the mode's plan)")
     parser.add_argument("--input-set", action="append", default=[], metavar="MODEL=SET",
                         help="inputs for a model, e.g. whisper=speech-30s (see perf/data/manifest.json)")
@@ -96,12 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         repository = ROOT / "perf" / "results" / f"repository-{'gpu' if mode == 'gpu' else 'cpu'}"
         print(f"exporting weights into {repository} ...", flush=True)
         export(repository, "gpu" if mode == "gpu" else "cpu", models)
+    variants = tuple(b for b in args.batching.split(",") if b)
+    if not variants or set(variants) - set(suite.VARIANTS):
+        raise SystemExit(f"--batching {args.batching}: choose from {','.join(suite.VARIANTS)}")
     manifest_file = args.data / "manifest.json"
-    manifest = inputs.Manifest.load(args.data) if manifest_file.exists() else inputs.generate(args.data)
+    manifest = inputs.Manifest.load(args.data) if manifest_file.exists() else None
+    planned = {name for table in suite.PLANS.values() for entries in table.values() for name, _ in entries}
+    if manifest is None or planned - set(manifest.sets):  # none yet, or made before the plan's newer sets
+        manifest = inputs.generate(args.data)
 
     options = suite.SuiteOptions(
         mode=mode, models=models, repository=repository, data=args.data, out=out,
-        batching=tuple(b for b in args.batching.split(",") if b), toggle=not args.no_toggle,
+        batching=variants, toggle=not args.no_toggle,
         concurrency=tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else None,
         input_sets=dict(item.split("=", 1) for item in args.input_set), baselines=not args.no_baselines)
     if args.baseline_seconds is not None:

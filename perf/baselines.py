@@ -56,12 +56,13 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def yolo_predict(repository: Path, files: list[Path], min_seconds: float, max_calls: int) -> tuple[str, list[float]]:
-    """ultralytics `YOLO.predict(path, rect=False)` on the weights `detect` serves.
+def yolo_predict(repository: Path, input_set: InputSet, files: list[Path], min_seconds: float,
+                 max_calls: int) -> tuple[str, list[float]]:
+    """ultralytics `YOLO.predict(path)` with its defaults (rect letterbox) on the weights `detect` serves.
 
     On CPU the very `model.onnx` of the repository (the local server's yolov8 runs it with onnxruntime); on a
-    GPU the exported checkpoint in PyTorch fp16 (ultralytics' fastest plain path there). `rect=False`: the
-    640x640 letterbox `detect` uses, so both do the same work (the parity tests compare them the same way).
+    GPU the exported checkpoint in PyTorch fp16 (ultralytics' fastest plain path there). The defaults are what
+    a user runs, and what `detect` returns in its default rect mode (the parity tests compare them so).
     """
     from ultralytics import YOLO
 
@@ -72,18 +73,18 @@ def yolo_predict(repository: Path, files: list[Path], min_seconds: float, max_ca
     else:
         model = YOLO(str(repository / "yolov8" / "1" / "model.onnx"), task="detect")
         kwargs, library = {"device": "cpu"}, "onnxruntime, cpu"
-    latencies = measure(lambda f: model.predict(str(f), rect=False, verbose=False, **kwargs), files, min_seconds,
-                        max_calls)
+    latencies = measure(lambda f: model.predict(str(f), verbose=False, **kwargs), files, min_seconds, max_calls)
     return f"ultralytics YOLO.predict ({library})", latencies
 
 
-def network_run(repository: Path, files: list[Path], min_seconds: float,
+def network_run(repository: Path, input_set: InputSet, files: list[Path], min_seconds: float,
                 max_calls: int) -> tuple[str, list[float]]:
-    """The raw network on one letterboxed image at a time: onnxruntime `run` on the repository's `model.onnx`
-    on CPU (what the python flavour serves); on a GPU the exported checkpoint's PyTorch module in fp16."""
+    """The raw network on one letterboxed image at a time (the input set's letterbox mode): onnxruntime `run`
+    on the repository's `model.onnx` on CPU (what the python flavour serves); on a GPU the exported
+    checkpoint's PyTorch module in fp16."""
     from .inputs import letterboxed
 
-    tensors = [letterboxed(f.read_bytes())[None] for f in files]
+    tensors = [letterboxed(f.read_bytes(), input_set.letterbox)[None] for f in files]
     if device() == "cuda":
         import torch
         from ultralytics import YOLO
@@ -114,7 +115,7 @@ def whisper_checkpoint(repository: Path) -> Path:
     return repository / "whisper" / "1" / name
 
 
-def whisper_transcribe(repository: Path, files: list[Path], min_seconds: float,
+def whisper_transcribe(repository: Path, input_set: InputSet, files: list[Path], min_seconds: float,
                        max_calls: int) -> tuple[str, list[float]]:
     """`whisper.transcribe(model, audio, temperature=0, condition_on_previous_text=False)`, as served greedily.
 
@@ -133,7 +134,7 @@ def whisper_transcribe(repository: Path, files: list[Path], min_seconds: float,
     return f"whisper.transcribe (greedy, {'fp16' if dev == 'cuda' else 'fp32'}, {dev})", latencies
 
 
-def easyocr_readtext(repository: Path, files: list[Path], min_seconds: float,
+def easyocr_readtext(repository: Path, input_set: InputSet, files: list[Path], min_seconds: float,
                      max_calls: int) -> tuple[str, list[float]]:
     """`Reader.readtext(path)` with a Reader built from the served weights exactly as the model builds it."""
     from trident_serving.ocr import load_reader
@@ -153,5 +154,5 @@ def run(model: str, input_set: InputSet, manifest: Manifest, repository: Path, m
         max_calls: int = 200) -> Baseline:
     """Measure the baseline of `model` on `input_set`."""
     files = [manifest.path(f) for f in input_set.files]
-    library, latencies = BASELINES[model](Path(repository), files, min_seconds, max_calls)
+    library, latencies = BASELINES[model](Path(repository), input_set, files, min_seconds, max_calls)
     return summarise(model, input_set.name, library, latencies)

@@ -203,7 +203,7 @@ class CaseMaker:
         self.images, self.audio, self.foreign = image_seeds(), audio_seeds(), foreign_files()
         from perf.inputs import letterboxed
 
-        self.tensor = letterboxed(self.images[0])[None]  # a valid yolov8 input, [1, 3, 640, 640]
+        self.tensor = letterboxed(self.images[0])[None]  # a valid yolov8 input, [1, 3, H, W] (rect letterbox)
 
     def bytes_input(self, rng: np.random.Generator, seeds: list[bytes], wrong: list[bytes]) -> tuple[str, bytes]:
         """A mutated seed, most of the time; else a file of the wrong kind, or a seed unchanged."""
@@ -280,6 +280,9 @@ class CaseMaker:
             "uint8": lambda: (self.tensor * 255).astype(np.uint8),
             "HWC": lambda: self.tensor.transpose(0, 2, 3, 1).copy(),
             "320x320": lambda: self.tensor[:, :, :320, :320].copy(),
+            "320x330": lambda: np.pad(self.tensor[:, :, :320, :320], ((0, 0), (0, 0), (0, 0), (0, 10))),
+            "672x640": lambda: np.pad(self.tensor[:, :, :, :640], ((0, 0), (0, 0), (0, 672 - self.tensor.shape[2]),
+                                                                 (0, 0))),
             "no batch axis": lambda: self.tensor[0],
             "NaN": lambda: np.full_like(self.tensor, np.nan),
             "inf": lambda: np.where(rng.random(self.tensor.shape) < 0.01, np.inf, self.tensor).astype(np.float32),

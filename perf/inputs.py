@@ -1,8 +1,9 @@
 """Realistic benchmark inputs and the `--input-data` JSON files perf_analyzer reads.
 
 * photos: ultralytics' two bundled photos (bus.jpg, zidane.jpg) cropped to the aspect ratio and resized to
-  640x480 and 1280x720, as JPEG (quality 90);
-* letterboxed: the same photos as the float32 [3, 640, 640] tensors `yolov8` takes (ultralytics' letterbox);
+  640x480, 1280x720 (16:9 frames), 1280x320 (wide banners) and 720x1280 (portrait), as JPEG (quality 90);
+* letterboxed: the 640x480 photos as the float32 tensors `detect` sends `yolov8`: rect (predict()'s default,
+  [3, 480, 640]) and, as letterboxed-square, [3, 640, 640] (detect's `letterbox: square`);
 * speech: WAV clips (16 kHz mono) of ~5 s, 30 s and 2 min built from the committed espeak-ng sentences of
   tests/data (English and Korean, with pauses between sentences);
 * pages: 1280x720 JPEG pages with ~20 lines of mixed Korean and English text (Nanum fonts from Debian's
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "perf" / "data"
 SPEECH = [ROOT / "tests" / "data" / "speech_en.wav", ROOT / "tests" / "data" / "speech_ko.wav"]
 SAMPLE_RATE = 16000
-IMAGE_SIZES = {"640x480": (640, 480), "1280x720": (1280, 720)}
+IMAGE_SIZES = {"640x480": (640, 480), "1280x720": (1280, 720), "1280x320": (1280, 320), "720x1280": (720, 1280)}
 CLIP_SECONDS = {"5s": 5.0, "30s": 30.0, "2min": 120.0}
 DEJAVU = Path("/usr/share/fonts/truetype/dejavu")
 NANUM = Path("/usr/share/fonts/truetype/nanum")
@@ -56,6 +57,7 @@ class InputSet:
     unit: str = "images"  # what one request carries: images, audio seconds...
     units_per_request: float = 1.0  # e.g. clip seconds for speech (mean over the files)
     note: str = ""
+    letterbox: str = ""  # yolov8's tensors: the letterbox mode they were made with (rect | square)
 
 
 @dataclass
@@ -125,14 +127,14 @@ def photo_jpegs(size: tuple[int, int]) -> dict[str, bytes]:
     return out
 
 
-def letterboxed(jpeg: bytes) -> np.ndarray:
-    """The float32 [3, 640, 640] tensor `detect` sends to `yolov8` for this image (same code path)."""
+def letterboxed(jpeg: bytes, mode: str = "rect") -> np.ndarray:
+    """The float32 [3, H, W] tensor `detect` sends to `yolov8` for this image in a letterbox mode (same code path)."""
     import torch
 
     from trident_serving.images import decode_image
     from trident_serving.yolo import letterbox, to_model_input
 
-    return to_model_input([letterbox(decode_image(jpeg))], torch.device("cpu"))[0].numpy()
+    return to_model_input([letterbox(decode_image(jpeg), mode=mode)], torch.device("cpu"))[0].numpy()
 
 
 def speech_clip(seconds: float, first: int = 0) -> bytes:
@@ -202,12 +204,14 @@ def generate(folder: Path = DEFAULT_DIR, pages: int = 4) -> Manifest:
         write_input_data(folder / f"detect-{label}.json", entries)
         manifest.sets[f"jpeg-{label}"] = InputSet(f"jpeg-{label}", "detect", list(photos), f"detect-{label}.json")
         if label == "640x480":
-            tensors = [letterboxed((folder / name).read_bytes()) for name in photos]
-            entries = [{"images": {"b64": base64.b64encode(t.astype("<f4").tobytes()).decode("ascii"),
-                                   "shape": list(t.shape)}} for t in tensors]
-            write_input_data(folder / "yolov8-letterboxed.json", entries)
-            manifest.sets["letterboxed"] = InputSet("letterboxed", "yolov8", list(photos), "yolov8-letterboxed.json",
-                                                    note="float32 [3,640,640] of the 640x480 JPEGs")
+            for name, mode, shape in (("letterboxed", "rect", "[3,480,640]"),
+                                      ("letterboxed-square", "square", "[3,640,640]")):
+                tensors = [letterboxed((folder / photo).read_bytes(), mode) for photo in photos]
+                entries = [{"images": {"b64": base64.b64encode(t.astype("<f4").tobytes()).decode("ascii"),
+                                       "shape": list(t.shape)}} for t in tensors]
+                write_input_data(folder / f"yolov8-{name}.json", entries)
+                manifest.sets[name] = InputSet(name, "yolov8", list(photos), f"yolov8-{name}.json",
+                                               note=f"float32 {shape} of the 640x480 JPEGs", letterbox=mode)
     for label, seconds in CLIP_SECONDS.items():
         clips = [save(f"speech_{label}_{i}.wav", speech_clip(seconds, first=i)) for i in range(2)]
         # TEMPERATURE [0]: greedy decoding, deterministic; the in-process baseline uses the same.

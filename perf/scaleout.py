@@ -335,6 +335,7 @@ def run_perf_analyzer(grpc_port: int, rate: float, requests: int) -> float:
     """perf_analyzer over gRPC through the proxy: `requests` requests arriving at `rate` per second, whether or
     not earlier ones have finished (open loop, as independent users send them); returns its throughput."""
     command = [str(analyzer.binary()), "-m", MODEL, "-i", "grpc", "-u", f"127.0.0.1:{grpc_port}",
+               "--shape", "images:3,640,640",  # yolov8 takes any multiple of 32 (rect letterbox): the largest
                "--request-rate-range", f"{rate:.2f}:{rate:.2f}", "--request-count", str(requests),
                # Asynchronous: in its default synchronous mode each of its 4 threads waits for its answer, which
                # caps the requests outstanding at 4 and turns the open loop into a closed one.

@@ -5,6 +5,10 @@ with its repository config ("on"), measured, then loaded again with a config ove
 `load_model(name, config=...)`) that removes `dynamic_batching` ("off": Triton hands the model one request
 at a time). `whisper` batches the windows of its queued requests itself, so its "off" override also sets
 the parameter `max_windows_per_step` to 1 (one transcription advanced per scheduler step).
+
+Rect against square letterboxing: `detect` is measured a third time ("square": batching on, the override
+`letterbox: square`) on photos of four shapes, and `yolov8` on the rect and the square tensors of the same
+photos; the baseline is `predict()` with its defaults (rect), what a user runs.
 """
 from __future__ import annotations
 
@@ -23,18 +27,23 @@ from .inputs import Manifest, read_entry
 #   cpu: ~10 minutes on a 2-core machine; gpu: the full sweep for one GPU; smoke: seconds (tests).
 PLANS: dict[str, dict[str, list[tuple[str, tuple[int, ...]]]]] = {
     "cpu": {
-        "detect": [("jpeg-640x480", (1, 4, 8))],
-        "yolov8": [("letterboxed", (1, 4, 8))],
+        "detect": [("jpeg-640x480", (1, 4, 8)), ("jpeg-1280x720", (1, 4, 8)), ("jpeg-1280x320", (1, 4, 8)),
+                   ("jpeg-720x1280", (1, 4, 8))],
+        "yolov8": [("letterboxed", (1, 4, 8)), ("letterboxed-square", (1, 4, 8))],
         "whisper": [("speech-5s", (1, 4))],
         "easyocr": [("pages-1280x720", (1, 2))],  # ~8 s a page on 2 cores
     },
     "gpu": {
-        "detect": [("jpeg-640x480", (1, 32, 128, 256)), ("jpeg-1280x720", (128,))],
-        "yolov8": [("letterboxed", (1, 64, 128))],
+        "detect": [("jpeg-640x480", (1, 32, 128, 256)), ("jpeg-1280x720", (1, 32, 128)), ("jpeg-1280x320", (128,)),
+                   ("jpeg-720x1280", (128,))],
+        "yolov8": [("letterboxed", (1, 64, 128)), ("letterboxed-square", (1, 64, 128))],
         "whisper": [("speech-30s", (1, 32, 64)), ("speech-5s", (64,)), ("speech-2min", (16,))],
         "easyocr": [("pages-1280x720", (1, 8, 32))],
     },
 }
+# The variants measured per model, in order; "square" (batching on, detect's `letterbox: square`) is detect's only.
+VARIANTS = ("on", "off", "square")
+SQUARE_MODELS = ("detect",)
 # With batching off a model serves one request (whisper: one transcription) at a time, so its throughput is
 # flat in concurrency: "off" is measured at the highest level only (the gain is best on / best off; an explicit
 # --concurrency measures every level), and on a GPU the baseline on each model's first input set only, to
@@ -61,7 +70,7 @@ class SuiteOptions:
     url: str = "127.0.0.1:8001"  # gRPC
     metrics_url: str | None = "127.0.0.1:8002/metrics"
     http_url: str = "127.0.0.1:8000"
-    batching: tuple[str, ...] = ("on", "off")  # "off" needs a server in explicit model-control mode
+    batching: tuple[str, ...] = VARIANTS  # "off" and "square" need a server in explicit model-control mode
     toggle: bool = True  # load/unload models (explicit mode); False: measure the models as already loaded
     concurrency: tuple[int, ...] | None = None  # overrides the plan's levels
     input_sets: dict[str, str] = field(default_factory=dict)  # model -> input set, overrides the plan
@@ -92,6 +101,19 @@ def batching_off(config: dict) -> dict:
     return config
 
 
+def letterbox_square(config: dict) -> dict:
+    """The override of detect's loaded config that letterboxes every image to the 640x640 square."""
+    config = copy.deepcopy(config)
+    config.setdefault("parameters", {})["letterbox"] = {"string_value": "square"}
+    return config
+
+
+def variants_for(options: SuiteOptions, model: str) -> tuple[str, ...]:
+    """The variants measured for `model`: batching on (only, when models are not toggled), off, square."""
+    variants = options.batching if options.toggle else options.batching[:1]
+    return tuple(v for v in variants if v != "square" or model in SQUARE_MODELS)
+
+
 def whisper_off_supported(repository: Path) -> bool:
     """Whether the whisper model reads `max_windows_per_step` (else "off" only stops Triton's batching)."""
     import trident_serving.asr as asr
@@ -112,7 +134,7 @@ def plan(options: SuiteOptions) -> list[tuple[str, str, tuple[int, ...]]]:
     table = PLANS["cpu" if options.mode == "smoke" else options.mode]
     out = []
     for model in options.models:
-        entries = table[model]
+        entries = table[model][:1] if options.mode == "smoke" else table[model]
         if model in options.input_sets:
             entries = [(options.input_sets[model], entries[0][1])]
         for input_set, levels in entries:
@@ -138,7 +160,8 @@ class Loader:
             if not self.client.is_model_ready(model):
                 self.client.load_model(model)
             config = self.client.get_model_config(model, as_json=True)["config"]
-            self.client.load_model(model, config=json.dumps(batching_off(config)))
+            override = batching_off(config) if batching == "off" else letterbox_square(config)
+            self.client.load_model(model, config=json.dumps(override))
         if not self.client.is_model_ready(model):
             raise RuntimeError(f"{model} did not become ready ({batching=})")
 
@@ -186,17 +209,16 @@ def run(options: SuiteOptions, manifest: Manifest, progress: bool = True,
     Measurements are appended to `results` / `found_baselines` when given, so an interrupted run keeps them.
     """
     steps = plan(options)
-    variants = options.batching if options.toggle else options.batching[:1]
     baseline_steps = [s for i, s in enumerate(steps) if options.mode != "gpu" or s[0] not in
                       {m for m, _, _ in steps[:i]}]
-    total = sum(len(levels_for(options, b, levels)) for _, _, levels in steps for b in variants)
+    total = sum(len(levels_for(options, b, levels)) for m, _, levels in steps for b in variants_for(options, m))
     total += len(baseline_steps) if options.baselines else 0
     bar = tqdm(total=total, desc="perf", unit="run", disable=not progress)
     results = [] if results is None else results
     found_baselines = [] if found_baselines is None else found_baselines
     windows, size, stability, trials = SETTINGS[options.mode]
     try:
-        loader = Loader(options.url) if options.toggle and variants else None
+        loader = Loader(options.url) if options.toggle and options.batching else None
         for model in dict.fromkeys(m for m, _, _ in steps):
             # Each model's baseline right before its served runs, while the server is idle (in explicit mode
             # with no model loaded): on a shared machine the load drifts, so side by side beats all first.
@@ -206,7 +228,7 @@ def run(options: SuiteOptions, manifest: Manifest, progress: bool = True,
                     found_baselines.append(baselines.run(model, manifest.sets[input_set], manifest,
                                                          options.repository, min_seconds=options.baseline_seconds))
                     bar.update()
-            for batching in variants:
+            for batching in variants_for(options, model):
                 if loader:
                     bar.set_postfix_str(f"loading {model} (batching {batching})")
                     loader.load(model, batching)

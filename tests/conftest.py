@@ -179,23 +179,32 @@ class Server:
 
 
 @contextlib.contextmanager
-def detect_gathering(triton: "Server", batch: int, seconds: float) -> Iterator[None]:
-    """The server's `detect` loaded (Triton's load with a config override) with one instance whose dynamic
-    batcher waits up to `seconds` for `batch` requests (preferred_batch_size): requests sent within that time run
-    as one execution, whatever the machine's speed. (Triton's batcher promises no batch otherwise: a test that
-    needs one gathers it.) The exported config is loaded back afterwards (a plain load would keep the
-    override). Both loads leave out the warm-up, as the exported config has none."""
+def detect_changed(triton: "Server", change: Callable[[dict], dict]) -> Iterator[None]:
+    """The server's `detect` loaded (Triton's load with a config override) with `change(exported config)`, for a
+    block; the exported config is loaded back afterwards (a plain load would keep the override). Both loads leave
+    out the warm-up, as the exported config has none."""
     import tritonclient.http as httpclient
 
     exported = httpclient.InferenceServerClient(triton.http_url).get_model_config("detect")
-    gathering = {**exported, "instance_group": [{**exported["instance_group"][0], "count": 1}],
-                 "dynamic_batching": {**exported["dynamic_batching"], "preferred_batch_size": [batch],
-                                      "max_queue_delay_microseconds": int(seconds * 1e6)}}
-    triton.load_config("detect", gathering)
+    triton.load_config("detect", change(exported))
     try:
         yield
     finally:
         assert triton.load_config("detect", exported) == exported
+
+
+def gathering(config: dict, batch: int, seconds: float) -> dict:
+    """`config` with one instance whose dynamic batcher waits up to `seconds` for `batch` requests
+    (preferred_batch_size): requests sent within that time run as one execution, whatever the machine's speed.
+    (Triton's batcher promises no batch otherwise: a test that needs one gathers it.)"""
+    return {**config, "instance_group": [{**config["instance_group"][0], "count": 1}],
+            "dynamic_batching": {**config["dynamic_batching"], "preferred_batch_size": [batch],
+                                 "max_queue_delay_microseconds": int(seconds * 1e6)}}
+
+
+def detect_gathering(triton: "Server", batch: int, seconds: float) -> contextlib.AbstractContextManager:
+    """`detect` gathering `batch` requests into one execution (see `gathering`), for a block."""
+    return detect_changed(triton, lambda exported: gathering(exported, batch, seconds))
 
 
 @contextlib.contextmanager

@@ -250,12 +250,18 @@ def test_committed_config_parses_and_warms_up_with_shipped_samples(model):
         check_warmup(config, REPO / model)
 
 
-def test_every_yolov8_flavour_parses_with_the_same_signature():
-    rendered = {(flavour, kind): parse_config(export_yolo.yolov8_config(flavour, kind, 64, METADATA))
+@pytest.mark.parametrize("letterbox, profile", [
+    ("rect", ("images:1x3x32x32", "images:16x3x384x640", "images:64x3x640x640")),
+    ("square", ("images:1x3x640x640", "images:16x3x640x640", "images:64x3x640x640"))])
+def test_every_yolov8_flavour_parses_with_the_same_signature(letterbox, profile):
+    metadata = {**METADATA, "dynamic": letterbox == "rect"}
+    rendered = {(flavour, kind): parse_config(export_yolo.yolov8_config(flavour, kind, 64, metadata))
                 for flavour, kind in (("onnxruntime", "gpu"), ("onnxruntime", "cpu"), ("tensorrt", "gpu"),
                                       ("python", "cpu"))}
     signatures = {signature(config) for config in rendered.values()}
     assert len(signatures) == 1
+    side = -1 if letterbox == "rect" else 640
+    assert list(rendered["python", "cpu"].input[0].dims) == [3, side, side]
     assert rendered["tensorrt", "gpu"].platform == "tensorrt_plan"
     assert rendered["tensorrt", "gpu"].default_model_filename == "model.plan"
     for (flavour, kind), config in rendered.items():
@@ -263,12 +269,12 @@ def test_every_yolov8_flavour_parses_with_the_same_signature():
     trt = rendered["onnxruntime", "gpu"].optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert trt.name == "tensorrt"
     assert trt.parameters["trt_engine_cache_path"] == "/models/yolov8/trt_cache"
-    assert trt.parameters["trt_profile_max_shapes"] == "images:64x3x640x640"
-    assert trt.parameters["trt_profile_min_shapes"] == "images:1x3x640x640"
+    assert tuple(trt.parameters[f"trt_profile_{k}_shapes"] for k in ("min", "opt", "max")) == profile
     assert not rendered["onnxruntime", "cpu"].HasField("optimization")
     # detect's BLS call sends yolov8 exactly what yolov8 declares
     detect = parse_config((REPO / "detect" / "config.pbtxt").read_text())
     assert detect.max_batch_size == rendered["python", "cpu"].max_batch_size
+    assert detect.parameters["letterbox"].string_value == "rect"
 
 
 # --- the tensorrt flavour: complete or refused ----------------------------------------------------------------
@@ -284,13 +290,15 @@ def export_tensorrt(repo: Path, *extra: str) -> str:
     return ""
 
 
-def fake_engine(repo: Path, onnx_sha256: str, max_batch_size: int = 64) -> None:
+def fake_engine(repo: Path, onnx_sha256: str, max_batch_size: int = 64, letterbox: str = "rect") -> None:
     """What deploy/build_engine.sh leaves behind (the plan's bytes matter only to TensorRT)."""
     yolov8 = repo / "yolov8"
     (yolov8 / "1").mkdir(parents=True, exist_ok=True)
     (yolov8 / "1" / "model.onnx").write_bytes(b"onnx bytes")
     (yolov8 / "1" / "model.plan").write_bytes(b"plan bytes")
-    (yolov8 / "engine.json").write_text(json.dumps({"onnx_sha256": onnx_sha256, "max_batch_size": max_batch_size}))
+    shapes = {f"{k}_shapes": v for k, v in export_yolo.profile_shapes(letterbox, max_batch_size).items()}
+    (yolov8 / "engine.json").write_text(json.dumps({"onnx_sha256": onnx_sha256, "max_batch_size": max_batch_size,
+                                                    "letterbox": letterbox, **shapes}))
 
 
 def test_tensorrt_flavour_without_an_engine_says_how_to_build_one(tmp_path):
@@ -309,16 +317,26 @@ def test_tensorrt_flavour_renders_the_plan_config_for_a_current_engine(tmp_path)
 
     from export.download import CACHE_DIR
 
-    fake_engine(tmp_path, hashlib.sha256(b"onnx bytes").hexdigest())
+    fake_engine(tmp_path, hashlib.sha256(b"onnx bytes").hexdigest(), letterbox="square")
     weights = CACHE_DIR / "yolov8n-synthetic-seed0.pt"
     (tmp_path / "export.json").write_text(json.dumps({"yolov8": {"weights": str(weights)}}))
     assert "MAX_BATCH=32" in export_tensorrt(tmp_path, "--max-batch-size", "32")
     assert export_tensorrt(tmp_path, "--kind", "cpu").startswith("--flavour tensorrt serves on a GPU only")
+    # an engine of the square profile cannot take rect shapes: refused, with how to rebuild it
+    assert ("was built for shapes images:1x3x640x640 to images:64x3x640x640, --letterbox rect sends "
+            "images:1x3x32x32 to images:64x3x640x640: rebuild with LETTERBOX=rect") in export_tensorrt(tmp_path)
+    assert export_tensorrt(tmp_path, "--letterbox", "square") == ""
+    square = parse_config((tmp_path / "yolov8" / "config.pbtxt").read_text())
+    assert signature(square) == signature(parse_config(export_yolo.yolov8_config("python", "cpu", 64, METADATA)))
+    assert list(square.input[0].dims) == [3, 640, 640]
+    fake_engine(tmp_path, hashlib.sha256(b"onnx bytes").hexdigest(), letterbox="rect")
     assert export_tensorrt(tmp_path) == ""
     config = parse_config((tmp_path / "yolov8" / "config.pbtxt").read_text())
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
-    assert signature(config) == signature(parse_config(export_yolo.yolov8_config("python", "cpu", 64, METADATA)))
+    assert list(config.input[0].dims) == [3, -1, -1] and list(config.output[0].dims) == [84, -1]
     assert (tmp_path / "yolov8" / "1" / "model.plan").read_bytes() == b"plan bytes"
+    detect = (tmp_path / "detect" / "config.pbtxt").read_text()
+    assert 'key: "letterbox" value { string_value: "rect" }' in detect
 
 
 # --- `make deploy` / `make engines` dry runs: the whole plan, command by command --------------------------------
@@ -334,12 +352,14 @@ def commands(output: str) -> list[str]:
     return [line.strip()[2:] for line in output.splitlines() if line.strip().startswith("+ ")]
 
 
-def engine_commands(weights: str, max_batch: int = 64, opt_batch: int = 16) -> list[str]:
+def engine_commands(weights: str, max_batch: int = 64, opt_batch: int = 16, letterbox: str = "rect") -> list[str]:
+    """build_engine.sh's commands; its profile is export.yolo.profile_shapes', which export checks engine.json by."""
     yolov8 = REPO / "yolov8"
-    shape = "images:{}x3x640x640".format
+    shapes = export_yolo.profile_shapes(letterbox, max_batch)
+    assert shapes["opt"].startswith(f"images:{opt_batch}x")
     trtexec = (f"set -o pipefail; /usr/src/tensorrt/bin/trtexec --onnx=/engine/1/model.onnx "
-               f"--saveEngine=/engine/1/model.plan.partial --fp16 --minShapes={shape(1)} "
-               f"--optShapes={shape(opt_batch)} --maxShapes={shape(max_batch)} "
+               f"--saveEngine=/engine/1/model.plan.partial --fp16 --minShapes={shapes['min']} "
+               f"--optShapes={shapes['opt']} --maxShapes={shapes['max']} "
                "--timingCacheFile=/engine/trt_cache/timing.cache --memPoolSize=workspace:4096 --skipInference 2>&1 "
                "| tee /engine/trt_cache/trtexec.log && mv /engine/1/model.plan.partial /engine/1/model.plan && "
                "nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader -i 0 > "
@@ -347,13 +367,14 @@ def engine_commands(weights: str, max_batch: int = 64, opt_batch: int = 16) -> l
     python = ".venv-deploy/bin/python"
     return [
         f"{python} -m export yolo --weights {weights} --size n --flavour onnxruntime --kind gpu "
-        f"--max-batch-size {max_batch} --repo model_repository",
+        f"--max-batch-size {max_batch} --letterbox {letterbox} --repo model_repository",
         f"mkdir -p {yolov8}/trt_cache",
         f"docker compose run --rm --no-deps --user {os.getuid()}:{os.getgid()} -v {yolov8}:/engine triton "
         f"bash -c {shlex.quote(trtexec)}",
-        f"{python} - {yolov8} {max_batch} {opt_batch} trident-triton:24.10",
+        f"{python} - {yolov8} {max_batch} {opt_batch} trident-triton:24.10 {letterbox} {shapes['min']} "
+        f"{shapes['opt']} {shapes['max']}",
         f"{python} -m export yolo --weights {weights} --size n --flavour tensorrt --kind gpu "
-        f"--max-batch-size {max_batch} --repo model_repository",
+        f"--max-batch-size {max_batch} --letterbox {letterbox} --repo model_repository",
     ]
 
 
@@ -406,6 +427,16 @@ def test_make_engines_dry_run_keeps_the_profile_consistent_with_max_batch():
     result = dry_run("engines", "MAX_BATCH=16", "YOLO_WEIGHTS=synthetic")
     assert result.returncode == 0, result.stderr
     assert commands(result.stdout) == engine_commands("synthetic", max_batch=16, opt_batch=4)
+
+
+def test_make_engines_builds_the_letterbox_modes_profile():
+    """LETTERBOX=square builds the static 640x640 profile a square `detect` needs; an unknown mode is refused."""
+    result = dry_run("engines", "LETTERBOX=square", "YOLO_WEIGHTS=synthetic")
+    assert result.returncode == 0, result.stderr
+    assert commands(result.stdout) == engine_commands("synthetic", letterbox="square")
+    result = dry_run("engines", "LETTERBOX=wide", "YOLO_WEIGHTS=synthetic")
+    assert result.returncode != 0 and not commands(result.stdout)
+    assert "LETTERBOX=wide: use rect (predict()'s default) or square (a static 640x640 engine)" in result.stderr
 
 
 def test_make_logs_down_and_clean_recipes():

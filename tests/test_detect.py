@@ -13,7 +13,7 @@ from ultralytics.utils import ASSETS
 from trident import InvalidInputError
 from trident import stats
 
-from conftest import detect_gathering
+from conftest import detect_changed, detect_gathering, gathering
 
 pytestmark = pytest.mark.yolo
 CONF = 0.05  # synthetic weights: dozens of boxes per image at this threshold (asserted below)
@@ -30,6 +30,8 @@ def images(tmp_path_factory) -> dict:
         "zidane.jpg": (ASSETS / "zidane.jpg").read_bytes(),
         "odd_333x517.png": cv2.imencode(".png", cv2.resize(bus, (333, 517)))[1].tobytes(),
         "wide_1999x301.jpg": cv2.imencode(".jpg", cv2.resize(zidane, (1999, 301)))[1].tobytes(),
+        "portrait_400x1100.jpg": cv2.imencode(".jpg", cv2.resize(bus, (400, 1100)))[1].tobytes(),
+        "square_500x500.png": cv2.imencode(".png", cv2.resize(bus, (500, 500)))[1].tobytes(),
         "gray.png": cv2.imencode(".png", cv2.cvtColor(bus, cv2.COLOR_BGR2GRAY))[1].tobytes(),
         "alpha.png": cv2.imencode(".png", np.dstack([zidane, np.linspace(0, 255, zidane.shape[1], dtype=np.uint8)[None]
                                                      .repeat(zidane.shape[0], 0)]))[1].tobytes(),
@@ -86,19 +88,42 @@ def assert_same_detections(served, expected) -> None:
     np.testing.assert_allclose(a[~has_area], b[~has_area], atol=0.5)
 
 
-@pytest.mark.parametrize("name", ["bus.jpg", "zidane.jpg", "odd_333x517.png", "wide_1999x301.jpg", "gray.png",
-                                  "alpha.png", "bus.webp", "bus.bmp"])
+# letterboxed rect (predict()'s default) to: 640x480, 384x640, 640x416, 96x640, 640x256, 640x640, 640x480, ...
+SHAPES = ["bus.jpg", "zidane.jpg", "odd_333x517.png", "wide_1999x301.jpg", "portrait_400x1100.jpg",
+          "square_500x500.png"]
+
+
+@pytest.mark.parametrize("name", SHAPES + ["gray.png", "alpha.png", "bus.webp", "bus.bmp"])
 def test_detect_matches_ultralytics_predict(client, images, reference, name):
+    """`detect` letterboxes rect as `predict()` does with its defaults: the same detections."""
     served = client.detect(images[name], conf=CONF)
-    expected = reference.predict(str(images[name]), conf=CONF, rect=False, verbose=False)[0]
+    expected = reference.predict(str(images[name]), conf=CONF, verbose=False)[0]
     assert len(served) >= 24, "too few boxes for a meaningful comparison"
     assert_same_detections(served, expected)
     assert served.detections[0].label == reference.names[served.detections[0].class_id]
 
 
+def test_square_letterbox_matches_predict_without_rect(triton, images, reference):
+    """detect's `letterbox: square` (for static engines) pads every image to 640x640, as `predict(rect=False)`
+    does: six images of six rect shapes, gathered into one execution of `detect`, are one call to `yolov8`."""
+    def square(exported: dict) -> dict:
+        return {**gathering(exported, len(SHAPES), seconds=30),
+                "parameters": {**exported["parameters"], "letterbox": {"string_value": "square"}}}
+
+    with detect_changed(triton, square):
+        before = triton.batch_executions("yolov8")
+        served = triton.client("grpc").detect_many([images[name] for name in SHAPES], conf=CONF,
+                                                   concurrency=len(SHAPES))
+        assert triton.executions_since("yolov8", before, len(SHAPES)) == {len(SHAPES): 1}
+    for name, result in zip(SHAPES, served):
+        expected = reference.predict(str(images[name]), conf=CONF, rect=False, verbose=False)[0]
+        assert len(result) >= 24
+        assert_same_detections(result, expected)
+
+
 def test_default_thresholds_are_ultralytics_defaults(client, images, reference):
     served = client.detect(images["bus.jpg"])  # conf 0.25, iou 0.7
-    expected = reference.predict(str(images["bus.jpg"]), rect=False, verbose=False)[0]
+    expected = reference.predict(str(images["bus.jpg"]), verbose=False)[0]
     assert len(served) > 0
     assert_same_detections(served, expected)
 
@@ -125,45 +150,44 @@ def test_yolov8_batch_split_and_concat_through_the_python_flavour(client, triton
     from trident_serving import yolo
     from trident_serving.images import decode_image
 
-    batch = yolo.to_model_input([yolo.letterbox(decode_image(images[n].read_bytes())) for n in ("bus.jpg", "gray.png")],
-                                "cpu").numpy()
+    letterboxed = [yolo.letterbox(decode_image(images[n].read_bytes()), mode="rect") for n in ("bus.jpg", "gray.png")]
+    batch = yolo.to_model_input(letterboxed, "cpu").numpy()
     served = client.infer("yolov8", {"images": batch}, ["output0"])["output0"]
     session = onnxruntime.InferenceSession(str(triton.repository / "yolov8" / "1" / "model.onnx"))
     expected = session.run(["output0"], {"images": batch})[0]
-    assert served.shape == (2, 84, 8400)
+    assert batch.shape == (2, 3, 640, 480) and served.shape == (2, 84, 80 * 60 + 40 * 30 + 20 * 15)
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_ultralytics_triton_client(triton, images, scheme):
-    """`YOLO("<scheme>://host:port/yolov8")` — ultralytics' own Triton client — works against our server."""
+    """`YOLO("<scheme>://host:port/yolov8")` — ultralytics' own Triton client — works against our server, and
+    letterboxes rect as its local predict() does (the config's metadata says `dynamic`)."""
     from ultralytics import YOLO
 
     url = triton.http_url if scheme == "http" else triton.grpc_url
     remote = YOLO(f"{scheme}://{url}/yolov8", task="detect")
     local = YOLO(str(triton.repository / "yolov8" / "1" / "model.onnx"), task="detect")
     served = remote.predict(str(images["bus.jpg"]), conf=CONF, verbose=False)[0]
-    expected = local.predict(str(images["bus.jpg"]), conf=CONF, rect=False, verbose=False)[0]
+    expected = local.predict(str(images["bus.jpg"]), conf=CONF, verbose=False)[0]
     assert len(served.boxes) >= 24
     assert served.names == expected.names
     assert_same_detections(served, expected)
 
 
-def test_concurrent_requests_are_batched(triton, images):
+def test_concurrent_requests_are_batched(triton, images, reference):
     """Eight concurrent requests, gathered into one execution of `detect` (detect_gathering), reach `yolov8` as
-    one BLS call: one execution of eight there too; each image gets the detections it gets alone."""
+    one BLS call per letterboxed shape: bus.jpg and gray.png (both 640x480) as one of four images, zidane.jpg
+    (384x640) and odd_333x517.png (640x416) as one of two each. Each image gets what `predict()` gives it alone."""
     paths = [images[n] for n in ("bus.jpg", "zidane.jpg", "odd_333x517.png", "gray.png")] * 2
-    client = triton.client("grpc")
-    alone = {path: client.detect(path, conf=CONF) for path in set(paths)}
     with detect_gathering(triton, len(paths), seconds=30):
         before = {model: triton.batch_executions(model) for model in ("detect", "yolov8")}
-        results = client.detect_many(paths, conf=CONF, concurrency=len(paths))
-        for model in ("detect", "yolov8"):
-            assert triton.executions_since(model, before[model], len(paths)) == {len(paths): 1}, model
+        results = triton.client("grpc").detect_many(paths, conf=CONF, concurrency=len(paths))
+        assert triton.executions_since("detect", before["detect"], len(paths)) == {len(paths): 1}
+        assert triton.executions_since("yolov8", before["yolov8"], len(paths)) == {4: 1, 2: 2}
     for path, result in zip(paths, results):
         assert len(result) >= 24
-        np.testing.assert_allclose(result.boxes, alone[path].boxes, atol=1e-3)
-        assert [d.class_id for d in result.detections] == [d.class_id for d in alone[path].detections]
+        assert_same_detections(result, reference.predict(str(path), conf=CONF, verbose=False)[0])
 
 
 def _truncated_jpeg(images) -> bytes:
@@ -242,7 +266,7 @@ def test_tiny_image_is_valid(client, reference, tmp_path):
     path = tmp_path / "one.png"
     path.write_bytes(cv2.imencode(".png", np.full((1, 1, 3), 128, np.uint8))[1].tobytes())
     served = client.detect(path, conf=CONF)
-    expected = reference.predict(str(path), conf=CONF, rect=False, verbose=False)[0]
+    expected = reference.predict(str(path), conf=CONF, verbose=False)[0]
     assert len(served) == len(expected.boxes)
     if len(served):
         assert_same_detections(served, expected)
@@ -266,7 +290,9 @@ def test_many_images_in_one_request_are_refused_clearly(client):
 
 @pytest.mark.parametrize("array, message", [
     (np.zeros((1, 3, 640, 640), np.int32), "data-type|datatype|INT32"),
-    (np.zeros((1, 3, 320, 320), np.float32), "shape"),
+    (np.zeros((1, 4, 320, 320), np.float32), "shape"),
+    (np.zeros((1, 3, 320, 330), np.float32), "height and width must be multiples of 32 up to 640.*got 320x330"),
+    (np.zeros((1, 3, 672, 640), np.float32), "height and width must be multiples of 32 up to 640.*got 672x640"),
 ])
 def test_yolov8_rejects_wrong_dtype_and_shape(client, triton, array, message):
     with pytest.raises(InvalidInputError, match=message):

@@ -286,7 +286,7 @@ def test_detect_motion_photo_and_exif_rotation(triton, tmp_path):
         path = tmp_path / name
         path.write_bytes(data)
         served = client.detect(path, conf=CONF)
-        expected = reference.predict(str(path), conf=CONF, rect=False, verbose=False)[0]
+        expected = reference.predict(str(path), conf=CONF, verbose=False)[0]
         assert expected.orig_shape == upright.shape[:2] and len(served) >= 24
         assert_same_detections(served, expected)
         assert (served.boxes[:, 2] <= upright.shape[1] + 0.5).all()

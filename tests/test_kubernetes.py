@@ -231,8 +231,8 @@ def test_fill_script_exports_builds_the_engine_and_plans_for_the_tensorrt_flavou
     commands = [line[2:] for line in fill_dry_run(REPO="/models", MAX_BATCH="32").splitlines()
                 if line.startswith("+ ")]
     trtexec = ("set -o pipefail; /usr/src/tensorrt/bin/trtexec --onnx=/models/yolov8/1/model.onnx "
-               "--saveEngine=/models/yolov8/1/model.plan.partial --fp16 --minShapes=images:1x3x640x640 "
-               "--optShapes=images:8x3x640x640 --maxShapes=images:32x3x640x640 "
+               "--saveEngine=/models/yolov8/1/model.plan.partial --fp16 --minShapes=images:1x3x32x32 "
+               "--optShapes=images:8x3x384x640 --maxShapes=images:32x3x640x640 "
                "--timingCacheFile=/models/yolov8/trt_cache/timing.cache --memPoolSize=workspace:4096 --skipInference "
                "2>&1 | tee /models/yolov8/trt_cache/trtexec.log && mv /models/yolov8/1/model.plan.partial "
                "/models/yolov8/1/model.plan && nvidia-smi --query-gpu=name,compute_cap,driver_version "
@@ -241,12 +241,13 @@ def test_fill_script_exports_builds_the_engine_and_plans_for_the_tensorrt_flavou
         "python3 -m export whisper --size small --weights official --repo /models",
         "python3 -m export easyocr --weights official --repo /models",
         "python3 -m export yolo --weights official --size n --flavour onnxruntime --kind gpu --max-batch-size 32 "
-        "--repo /models",
+        "--letterbox rect --repo /models",
         "mkdir -p /models/yolov8/trt_cache",
         f"bash -c {shlex.quote(trtexec)}",
-        "python3 - /models/yolov8 32 8 trident-fill:24.10",
+        "python3 - /models/yolov8 32 8 trident-fill:24.10 rect images:1x3x32x32 images:8x3x384x640 "
+        "images:32x3x640x640",
         "python3 -m export yolo --weights official --size n --flavour tensorrt --kind gpu --max-batch-size 32 "
-        "--repo /models",
+        "--letterbox rect --repo /models",
         "python3 -m export plan --gpu-memory 81920MiB --repo /models",
     ], commands
 

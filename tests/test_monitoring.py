@@ -243,7 +243,9 @@ def test_detect_images_per_bls_call(traffic):
     calls = delta(before, after, "trident_detect_bls_call_images_count", model="detect")
     executions = delta(before, after, "nv_inference_exec_count", model="detect")
     assert images == DETECT_IMAGES  # the bad image failed before the BLS call...
-    assert calls == executions - 1  # ...alone (sent after the others were answered), in an execution calling nothing
+    # ...alone (sent after the others were answered), in an execution calling nothing; every other execution
+    # makes one call per letterboxed shape: bus.jpg's (640x480), zidane.jpg's (384x640) or both
+    assert executions - 1 <= calls <= 2 * (executions - 1)
     # Each BLS call is one yolov8 request carrying its images; Triton may batch the calls of the two detect
     # instances into one yolov8 execution.
     assert delta(before, after, "nv_inference_request_success", model="yolov8") == calls

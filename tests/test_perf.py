@@ -21,8 +21,8 @@ def data(tmp_path_factory):
 
 def test_input_data_round_trip(data):
     """Every element of every --input-data file decodes back to the bytes of the file it was made from."""
-    assert set(data.sets) >= {"jpeg-640x480", "jpeg-1280x720", "letterboxed", "speech-5s", "speech-30s",
-                              "speech-2min", "pages-1280x720"}
+    assert set(data.sets) >= {"jpeg-640x480", "jpeg-1280x720", "jpeg-1280x320", "jpeg-720x1280", "letterboxed",
+                              "letterboxed-square", "speech-5s", "speech-30s", "speech-2min", "pages-1280x720"}
     for input_set in data.sets.values():
         entries = json.loads(data.path(input_set.input_data).read_text())["data"]
         assert len(entries) == len(input_set.files) >= 2
@@ -30,13 +30,15 @@ def test_input_data_round_trip(data):
             original = data.path(name).read_bytes()
             sent = inputs.read_entry(entry)  # what the suite's warm-up request sends
             if input_set.model == "yolov8":
-                np.testing.assert_array_equal(sent["images"], inputs.letterboxed(original)[None])
+                expected = inputs.letterboxed(original, input_set.letterbox)
+                assert expected.shape == ((3, 480, 640) if input_set.letterbox == "rect" else (3, 640, 640))
+                np.testing.assert_array_equal(sent["images"], expected[None])
             else:
                 assert sent["AUDIO" if input_set.model == "whisper" else "IMAGE"].tolist() == [[original]]
             if input_set.model == "yolov8":
                 element = entry["images"]
                 tensor = np.frombuffer(base64.b64decode(element["b64"]), "<f4").reshape(element["shape"])
-                np.testing.assert_array_equal(tensor, inputs.letterboxed(original))
+                np.testing.assert_array_equal(tensor, expected)
                 continue
             key = "AUDIO" if input_set.model == "whisper" else "IMAGE"
             assert inputs.deserialize_bytes(entry[key]) == original

@@ -21,14 +21,19 @@ from trident_serving.images import decode_image
 pytestmark = pytest.mark.yolo
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    """ultralytics' DetectionPredictor set up for a fixed-640 model, as `predict(rect=False)` uses it."""
+def built_predictor(**options):
+    """ultralytics' DetectionPredictor of a PyTorch YOLOv8n, set up as `predict(**options)` uses it."""
     from ultralytics import YOLO
 
     model = YOLO("yolov8n.yaml", task="detect")
-    model.predict(np.zeros((64, 64, 3), np.uint8), rect=False, verbose=False)  # builds model.predictor
+    model.predict(np.zeros((64, 64, 3), np.uint8), verbose=False, **options)  # builds model.predictor
     return model.predictor
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    """Set up for a fixed-640 model, as `predict(rect=False)` uses it."""
+    return built_predictor(rect=False)
 
 
 def test_decode_matches_cv2_imread():
@@ -53,10 +58,31 @@ def test_decode_errors(data, message):
 
 def test_letterbox_and_tensor_match_ultralytics_preprocess(predictor):
     image = cv2.imread(str(ASSETS / "bus.jpg"))
-    ours = yolo.to_model_input([yolo.letterbox(image)], torch.device("cpu"))
+    ours = yolo.to_model_input([yolo.letterbox(image, mode="square")], torch.device("cpu"))
     theirs = predictor.preprocess([image])
     assert ours.shape == theirs.shape == (1, 3, 640, 640)
     torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("size, letterboxed", [((810, 1080), (640, 480)), ((1280, 720), (384, 640)),
+                                                ((1999, 301), (96, 640)), ((400, 1100), (640, 256)),
+                                                ((500, 500), (640, 640)), ((1, 1), (640, 640)), ((3000, 5), (32, 640))])
+def test_rect_letterbox_and_tensor_match_predict_defaults(size, letterboxed):
+    """Rect letterboxing is `predict()`'s default preprocessing, for every aspect ratio: the minimal padding to
+    multiples of 32 (the height and width below); the smallest side is one stride (export.yolo.MIN_SIDE)."""
+    predictor = built_predictor()  # predict() with defaults (rect=True)
+    image = cv2.resize(cv2.imread(str(ASSETS / "bus.jpg")), size)
+    ours = yolo.to_model_input([yolo.letterbox(image, mode="rect")], torch.device("cpu"))
+    theirs = predictor.preprocess([image])
+    assert ours.shape == theirs.shape == (1, 3, *letterboxed)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_shape_groups_keep_order_within_and_between_groups():
+    images = [np.zeros(shape, np.uint8) for shape in [(640, 480, 3), (384, 640, 3), (640, 480, 3), (96, 640, 3),
+                                                      (384, 640, 3)]]
+    assert yolo.shape_groups(images) == [[0, 2], [1, 4], [3]]
+    assert yolo.shape_groups(images[:1]) == [[0]] and yolo.shape_groups([]) == []
 
 
 def test_postprocess_matches_ultralytics(predictor):
@@ -113,8 +139,10 @@ def test_client_encodes_bgr_arrays_losslessly():
 def test_yolov8_config_flavours(flavour, kind, expected):
     text = yolov8_config(flavour, kind, 64, {"names": {i: str(i) for i in range(80)}, "dynamic": False})
     assert expected in text and "dynamic_batching" in text and f"KIND_{kind.upper()}" in text
-    assert "dims: [ 84, 8400 ]" in text
+    assert "dims: [ 3, 640, 640 ]" in text and "dims: [ 84, 8400 ]" in text
     assert ("gpu_execution_accelerator" in text) == (flavour == "onnxruntime")
+    dynamic = yolov8_config(flavour, kind, 64, {"names": {i: str(i) for i in range(80)}, "dynamic": True})
+    assert "dims: [ 3, -1, -1 ]" in dynamic and "dims: [ 84, -1 ]" in dynamic  # rect letterbox: any multiple of 32
 
 
 def test_set_parameter_replaces_json_values(tmp_path):

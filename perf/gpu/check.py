@@ -6,8 +6,8 @@ NVML's GPU memory per process once loaded and after the checks, and compares, on
 * `yolov8` (PyTorch fp16 on the GPU) with onnxruntime fp32 on the CPU running the repository's `model.onnx`
   (the same weights) on the same letterboxed tensors: box rows |diff| <= 1 px at the 99.9th percentile,
   class scores |diff| <= 0.01 everywhere. fp16 has 11 significant bits: ~0.3 px at 640, ~5e-4 on a score.
-* `detect` with ultralytics `YOLO(model.onnx).predict(rect=False)` on the CPU: >= 95 % of the reference boxes matched by
-  a served box of the same class with IoU >= 0.9 and |score diff| <= 0.02 (NMS may flip near-ties).
+* `detect` with ultralytics `YOLO(model.onnx).predict()` (defaults: rect letterbox) on the CPU, on 640x480,
+  16:9, wide and portrait photos: >= 95 % of the reference boxes matched by a served box of the same class with IoU >= 0.9 and |score diff| <= 0.02 (NMS may flip near-ties).
 * `whisper` (fp16) with `whisper.transcribe` fp32 greedy on the CPU, 5 s clips: difflib similarity of the
   texts >= 0.8 (synthetic weights decode long runs of near-tied tokens; one flip changes the rest).
 * `easyocr` with `Reader.readtext` fp32 on the CPU (quantize=False): >= 90 % of the reference lines matched
@@ -111,11 +111,12 @@ def check_detect(client, repository: Path, manifest: inputs.Manifest) -> dict:
     model = YOLO(str(repository / "yolov8" / "1" / "model.onnx"), task="detect")
     t = TOLERANCES["detect"]
     matched = total = served_total = 0
-    for name in manifest.sets["jpeg-640x480"].files + manifest.sets["jpeg-1280x720"].files:
+    sets = ("jpeg-640x480", "jpeg-1280x720", "jpeg-1280x320", "jpeg-720x1280")
+    for name in [file for s in sets for file in manifest.sets[s].files]:
         data = manifest.path(name).read_bytes()
         out = infer(client, "detect", {"IMAGE": np.array([[data]], dtype=np.object_)}, ["BOXES", "SCORES", "CLASSES"])
         boxes, scores, classes = out["BOXES"][0], out["SCORES"][0], out["CLASSES"][0]
-        reference = model.predict(str(manifest.path(name)), rect=False, verbose=False, device="cpu")[0].boxes
+        reference = model.predict(str(manifest.path(name)), verbose=False, device="cpu")[0].boxes
         served_total += len(boxes)
         for ref_box, ref_score, ref_class in zip(reference.xyxy.numpy(), reference.conf.numpy(),
                                                  reference.cls.numpy().astype(int)):

@@ -2,7 +2,8 @@
 that has neither onnxruntime-gpu nor TensorRT (neither fits the 64 MiB a copy may carry).
 
 Benchmark-only: run.sh copies it over `yolov8/1/model.py` of its scratch repository (the python flavour's
-export). Same signature as every flavour: `images` FP32 [3, 640, 640] in, `output0` FP32 [84, 8400] out. The
+export). Same signature as every flavour: `images` FP32 [3, H, W] in (multiples of 32 up to 640), `output0` FP32
+[84, anchors] out. The
 weights are the checkpoint the repository was exported from (`export.json`), i.e. the very weights of its
 `model.onnx`, which the GPU checks (perf/gpu/check.py) compare against onnxruntime fp32 on the CPU.
 """

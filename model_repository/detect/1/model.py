@@ -1,4 +1,5 @@
-"""`detect`: encoded image -> letterbox -> `yolov8` (BLS, one call per batch) -> NMS -> boxes in original pixels."""
+"""`detect`: encoded image -> letterbox -> `yolov8` (BLS, one call per letterboxed shape) -> NMS -> boxes in
+original pixels."""
 import json
 
 import numpy as np
@@ -17,6 +18,10 @@ class TritonPythonModel:
         self.names = {int(k): v for k, v in metadata["names"].items()}
         self.imgsz = metadata["imgsz"][0]
         self.stride = metadata["stride"]
+        self.letterbox = triton.parameters(args).get("letterbox", "")
+        if self.letterbox not in yolo.LETTERBOX_MODES:
+            raise ValueError(f"detect: parameter letterbox is {self.letterbox!r}, expected one of "
+                             f"{', '.join(yolo.LETTERBOX_MODES)}: export again with `python -m export yolo`")
         try:  # yolov8's max_batch_size, written by `export yolo` and `export plan`: a larger call would fail
             self.bls_batch = int(triton.parameters(args)["yolov8_max_batch_size"])
         except (KeyError, ValueError):
@@ -30,16 +35,21 @@ class TritonPythonModel:
         image = decode_image(triton.bytes_input(request, "IMAGE"))
         conf = yolo.check_threshold(triton.scalar_input(request, "CONF_THRESHOLD", yolo.DEFAULT_CONF), "CONF_THRESHOLD")
         iou = yolo.check_threshold(triton.scalar_input(request, "IOU_THRESHOLD", yolo.DEFAULT_IOU), "IOU_THRESHOLD")
-        return image.shape[:2], yolo.letterbox(image, self.imgsz, self.stride), conf, iou
+        return image.shape[:2], yolo.letterbox(image, self.imgsz, self.stride, self.letterbox), conf, iou
 
     def execute(self, requests):
         return triton.serve_batch(requests, self.parse, self.detect)
 
     def detect(self, batch: list) -> list:
-        shapes, boxes, confs, ious = zip(*batch)
-        prediction = self.infer(yolo.to_model_input(list(boxes), self.device))
-        detections = yolo.postprocess(prediction, (self.imgsz, self.imgsz), list(shapes), confs, ious)
-        return [self.response(found) for found in detections]
+        shapes, letterboxed, confs, ious = zip(*batch)
+        responses = [None] * len(batch)
+        for group in yolo.shape_groups(letterboxed):  # one shape in square mode; in rect mode, one per shape
+            prediction = self.infer(yolo.to_model_input([letterboxed[i] for i in group], self.device))
+            detections = yolo.postprocess(prediction, letterboxed[group[0]].shape[:2], [shapes[i] for i in group],
+                                          [confs[i] for i in group], [ious[i] for i in group])
+            for i, found in zip(group, detections):
+                responses[i] = self.response(found)
+        return responses
 
     def infer(self, images: torch.Tensor) -> torch.Tensor:
         """Run `yolov8` on the letterboxed batch through BLS, zero-copy via DLPack, in calls yolov8 accepts."""
