@@ -109,8 +109,8 @@ def default_costs(whisper_size: str = "small", yolo_size: str = "n", ocr_lang: s
     yolo_weights = 4 * YOLO_PARAMS[yolo_size] / MIB  # fp32 ONNX (python / onnxruntime flavours)
     yolo_scale = {"n": 1.0, "s": 2.0, "m": 3.0, "l": 4.0, "x": 5.0}[yolo_size]
     models = [
-        # FP32 [3,640,640] in (4.7 MiB) and [84,8400] out (2.7 MiB) per image, plus ~3 of the widest feature
-        # maps alive at once (16 x 320 x 320 fp32 for n, scaled by width for larger sizes).
+        # FP32 [3,640,640] in (4.7 MiB) and [84,8400] out (2.7 MiB) per image at the largest shape, plus ~3 of
+        # the widest feature maps alive at once (16 x 320 x 320 fp32 for n, scaled by width for larger sizes).
         ModelCost("yolov8", yolo_weights, 64.0, 7.4 + 19.0 * yolo_scale, 64, min_batch=8, rate_limited=True,
                   note=f"yolov8{yolo_size}; activations estimated"),
         # decode + letterbox on the device (uint8 and FP32 copies), the BLS output and NMS candidates per image.
