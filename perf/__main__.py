@@ -155,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             server.stop(server_options)
     paths = report.write(out, results, found_baselines, manifest, repository, mode, notes)
     print(f"report: {paths['report']}")
-    for key, g in report.gains([r for r in report.rows(results, found_baselines, manifest)]).items():
+    table = report.rows(results, found_baselines, manifest)
+    for key, g in report.gains(table).items():
         print(f"batching gain {key}: {g['gain']:.2f}x ({g['on']:.2f} vs {g['off']:.2f} req/s)")
+    for key, g in report.gains(table, "square").items():
+        print(f"rect / square letterbox {key}: {g['gain']:.2f}x ({g['on']:.2f} vs {g['square']:.2f} req/s)")
     return 0
 
 

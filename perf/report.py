@@ -78,15 +78,20 @@ def rows(results: list[Result], found: list[Baseline], manifest: Manifest) -> li
     return out
 
 
-def gains(table: list[dict]) -> dict[str, dict]:
-    """Per model and input set: best throughput with batching on / off."""
+def gains(table: list[dict], other: str = "off") -> dict[str, dict]:
+    """Per model and input set: best throughput with batching on / with the `other` variant (off: batching off;
+    square: detect's square letterbox, against its default rect)."""
     out: dict[str, dict] = {}
     for key in dict.fromkeys((r["model"], r["input_set"]) for r in table):
         best = {b: max((r["throughput"] for r in table if (r["model"], r["input_set"]) == key and r["batching"] == b),
-                       default=None) for b in ("on", "off")}
-        if best["on"] and best["off"]:
-            out[f"{key[0]} {key[1]}"] = {"on": best["on"], "off": best["off"], "gain": best["on"] / best["off"]}
+                       default=None) for b in ("on", other)}
+        if best["on"] and best[other]:
+            out[f"{key[0]} {key[1]}"] = {"on": best["on"], other: best[other], "gain": best["on"] / best[other]}
     return out
+
+
+VARIANT_STYLES = (("on", "o-"), ("off", "s--"), ("square", "D-."))
+VARIANT_LABELS = {"on": "batching on", "off": "batching off", "square": "square letterbox"}
 
 
 def plot(table: list[dict], found: list[Baseline], folder: Path) -> list[Path]:
@@ -112,12 +117,13 @@ def plot(table: list[dict], found: list[Baseline], folder: Path) -> list[Path]:
                         if (r["model"], r["input_set"]) == key and r["batching"] == batching and column in r)
         return [p[0] for p in points], [p[1] for p in points]
 
-    figure, axes = panels("Throughput vs concurrency (batching on / off; dashed: in-process baseline)")
+    figure, axes = panels("Throughput vs concurrency (batching on / off, square letterbox; dotted: in-process "
+                          "baseline)")
     for ax, key in zip(axes, keys):
-        for batching, style in (("on", "o-"), ("off", "s--")):
+        for batching, style in VARIANT_STYLES:
             x, y = series(key, batching, "throughput")
             if x:
-                ax.plot(x, y, style, label=f"batching {batching}")
+                ax.plot(x, y, style, label=VARIANT_LABELS[batching])
         if key in base:
             ax.axhline(base[key].throughput, color="gray", linestyle=":", label="baseline")
         ax.set(title=f"{key[0]} · {key[1]}", xlabel="concurrency", ylabel="requests/s")
@@ -127,7 +133,8 @@ def plot(table: list[dict], found: list[Baseline], folder: Path) -> list[Path]:
 
     figure, axes = panels("Client latency vs concurrency (p50 / p95 / p99)")
     for ax, key in zip(axes, keys):
-        for batching, style in (("on", "-"), ("off", "--")):
+        for batching, style in VARIANT_STYLES:
+            style = style[1:]  # the line style; the markers tell the percentiles apart
             for column, marker in (("p50_ms", "o"), ("p95_ms", "^"), ("p99_ms", "v")):
                 x, y = series(key, batching, column)
                 if x:
@@ -210,6 +217,12 @@ def markdown(env: dict, table: list[dict], found: list[Baseline], sets: dict[str
                   "| model · inputs | on req/s | off req/s | gain |", "| --- | --- | --- | --- |"]
         for key, g in found_gains.items():
             lines.append(f"| {key} | {g['on']:.2f} | {g['off']:.2f} | {g['gain']:.2f}× |")
+    letterbox = gains(table, "square")
+    if letterbox:
+        lines += ["", "## Rect against square letterbox (best throughput, batching on, same instances)", "",
+                  "| model · inputs | rect req/s | square req/s | rect ÷ square |", "| --- | --- | --- | --- |"]
+        for key, g in letterbox.items():
+            lines.append(f"| {key} | {g['on']:.2f} | {g['square']:.2f} | {g['gain']:.2f}× |")
     lines += ["", "## Plots", "", "![throughput](throughput.png)", "", "![latency](latency.png)", "",
               "![server split](server_split.png)", ""]
     return "\n".join(lines)
@@ -247,7 +260,8 @@ def write(folder: Path, results: list[Result], found: list[Baseline], manifest: 
         writer.writerows(table)
     sets = {name: asdict(manifest.sets[name]) for name in dict.fromkeys(r["input_set"] for r in table)}
     payload = {"mode": mode, "environment": env, "notes": notes or [], "results": table,
-               "baselines": [asdict(b) for b in found], "batching_gain": gains(table), "input_sets": sets}
+               "baselines": [asdict(b) for b in found], "batching_gain": gains(table),
+               "letterbox_gain": gains(table, "square"), "input_sets": sets}
     (folder / "results.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False))
     return {"csv": folder / "results.csv", "json": folder / "results.json", **render(folder)}
 
