@@ -128,7 +128,7 @@ def plan_repository(tmp_path: Path, *args: str) -> Path:
     repo = tmp_path / "repo"
     for name in ("detect", "easyocr", "whisper"):
         shutil.copytree(DEFAULT_REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "weights"))
-    metadata = {"names": {i: f"class{i}" for i in range(80)}, "imgsz": [640, 640]}
+    metadata = {"names": {i: f"class{i}" for i in range(80)}, "imgsz": [640, 640], "dynamic": True}  # rect
     (repo / "yolov8").mkdir()
     (repo / "yolov8" / "config.pbtxt").write_text(yolov8_config("python", "auto", 64, metadata))
     assert export_main.main(["plan", "--repo", str(repo), *args]) == 0
