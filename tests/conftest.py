@@ -243,6 +243,17 @@ def real_triton(tmp_path_factory) -> Server:
 
 
 @pytest.fixture(scope="session")
+def real_triton_ct2(tmp_path_factory) -> Server:
+    """A server of the same real Whisper base served by the ctranslate2 engine (the model folder as it is, float32:
+    faster-whisper's arithmetic on the CPU), for the real-weights whisper tests of both engines."""
+    repo = tmp_path_factory.mktemp("real_ct2_repository")
+    subprocess.run([sys.executable, "-m", "export", "whisper", "--weights", "base-offline", "--kind", "cpu",
+                    "--engine", "ctranslate2", "--compute-type", "float32", "--repo", str(repo)], cwd=ROOT, check=True)
+    with serve(repo, tmp_path_factory.mktemp("real_ct2_run")) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
 def media_dir(tmp_path_factory) -> Path:
     """The generated test media (tests/data/make_media.py): a 20 s 720p video with speech, photos, on-screen text
     and a scene cut, and the files derived from it."""

@@ -271,12 +271,11 @@ class Scheduler:
         extra = [job for job in detecting if job.content_frames < N_FRAMES]
         mels = [mel for mel, _ in windows] + [job.mel[:, :N_FRAMES] for job in extra]
         if mels:
-            features = self.model.encoder(torch.stack(mels).to(self.model.device, self.dtype))
+            features = self.encode(torch.stack(mels))
         if detecting:
             rows = [len(active) + extra.index(job) if job in extra else active.index(job) for job in detecting]
-            _, probs = detect_language(self.model, features[rows])
-            for job, p in zip(detecting, probs):
-                job.language = max(p, key=p.get)
+            for job, language in zip(detecting, self.detect_languages(features[rows])):
+                job.language = language
         results = self.decode_with_fallback(active, features[: len(active)]) if active else []
         for row, (job, (_, size), result) in enumerate(zip(active, windows, results)):
             try:
@@ -294,15 +293,30 @@ class Scheduler:
             for i in pending:
                 groups.setdefault((jobs[i].options.temperatures[attempt], jobs[i].options.sample_len), []).append(i)
             for (temperature, sample_len), rows in groups.items():
-                options = DecodingOptions(language=jobs[rows[0]].language, temperature=temperature,
-                                          sample_len=sample_len, fp16=self.fp16)
                 prompts = [(jobs[i].language, jobs[i].options.task) for i in rows]
-                for i, result in zip(rows, RowwiseDecodingTask(self.model, options, prompts).run(features[rows])):
+                for i, result in zip(rows, self.decode(features[rows], prompts, temperature, sample_len)):
                     results[i] = result
             pending = [i for i in pending if needs_fallback(results[i], jobs[i].options)]
             with self.lock:  # rows decoded again at the next temperature
                 self.stats.fallbacks += sum(attempt + 1 < len(jobs[i].options.temperatures) for i in pending)
         return results
+
+    # The engine: openai-whisper's own modules here; trident_serving.asr_ct2 runs CTranslate2 instead.
+    def encode(self, mels: torch.Tensor) -> torch.Tensor:
+        """The encoder output of a batch of 30 s log-mel windows."""
+        return self.model.encoder(mels.to(self.model.device, self.dtype))
+
+    def detect_languages(self, features: torch.Tensor) -> List[str]:
+        """The likeliest language code of each encoded window."""
+        _, probs = detect_language(self.model, features)
+        return [max(p, key=p.get) for p in probs]
+
+    def decode(self, features: torch.Tensor, prompts: List[Tuple[str, str]], temperature: float,
+               sample_len: Optional[int]) -> List[DecodingResult]:
+        """Decode encoded windows, each with its (language, task) prompt, at one temperature."""
+        options = DecodingOptions(language=prompts[0][0], temperature=temperature, sample_len=sample_len,
+                                  fp16=self.fp16)
+        return RowwiseDecodingTask(self.model, options, prompts).run(features)
 
     def advance(self, job: Job, result: DecodingResult, size: int, features: torch.Tensor) -> None:
         """Append the window's segments and move `seek`, as whisper.transcribe does after each window.

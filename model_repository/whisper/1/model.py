@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from trident_serving import gpu, metrics, triton
 from trident_serving.asr import FRAMES_PER_SECOND, ASROptions, Scheduler, load_model
+from trident_serving.asr_ct2 import ENGINES, CTranslate2Scheduler, CTranslate2Whisper
 from trident_serving.asr_service import ServiceOptions, Transcriber
 from trident_serving.audio import check_pcm, decode_audio
 from trident_serving.errors import InvalidInput
@@ -28,17 +29,24 @@ class TritonPythonModel:
         self.metrics = metrics.ModelMetrics(args, metrics.WHISPER)
         parameters = triton.parameters(args)
         name = parameters.get("checkpoint", "")
+        engine = parameters.get("engine", "openai")
+        if engine not in ENGINES:
+            raise ValueError(f"whisper's engine parameter is {engine!r}: use one of {', '.join(ENGINES)}")
         checkpoint = os.path.join(args["model_repository"], args["model_version"], name)
-        if not name or not os.path.isfile(checkpoint):
+        if not name or not os.path.exists(checkpoint):
             raise FileNotFoundError(f"whisper checkpoint {checkpoint!r} not found: run `python -m export whisper`")
         options = ServiceOptions.from_parameters(parameters)
         self.max_audio_seconds = options.max_audio_seconds
         device = triton.device(args)
-        model = load_model(checkpoint)  # with the alignment heads the checkpoint carries (word timestamps)
-        if device != "cpu":  # fp16 weights, cast once on the CPU: same numbers as whisper's casts, half the memory
-            model = gpu.keep_fp16(model).to(device)
+        if engine == "ctranslate2":  # `checkpoint` is the CTranslate2 model folder
+            model = CTranslate2Whisper(checkpoint, device, compute_type=parameters.get("compute_type", "default"))
+            scheduler = CTranslate2Scheduler(model, max_windows=options.max_windows_per_step)
+        else:
+            model = load_model(checkpoint)  # with the alignment heads the checkpoint carries (word timestamps)
+            if device != "cpu":  # fp16 weights, cast once on the CPU: whisper's casts' numbers, half the memory
+                model = gpu.keep_fp16(model).to(device)
+            scheduler = Scheduler(model, max_windows=options.max_windows_per_step)  # fp16 on GPU, fp32 on CPU
         triton.memory_checkpoint("loaded")
-        scheduler = Scheduler(model, max_windows=options.max_windows_per_step)  # fp16 on GPU, fp32 on CPU
         self.transcriber = Transcriber(scheduler, self.respond, options.max_queued_audio_seconds, on_dead=end_stub,
                                        on_step=lambda: metrics.publish_whisper_step(self.metrics, scheduler.stats),
                                        on_admit=lambda: metrics.publish_whisper_queue(self.metrics, scheduler.stats))

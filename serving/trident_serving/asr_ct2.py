@@ -1,0 +1,118 @@
+"""Whisper on CTranslate2 inside trident_serving.asr's Scheduler: the same rules, another engine.
+
+`CTranslate2Scheduler` keeps everything the Scheduler does (continuous batching, round-robin fairness,
+whisper.transcribe's seek, temperature fallback and no-speech skipping, per-job failure, cancellation) and swaps
+the three engine calls: the encoder, language detection and greedy (or sampled) decoding of a batch of windows
+with per-row prompts run in CTranslate2 (`ctranslate2.models.Whisper`), at its compute type (int8 / float32 on
+CPU, float16 / int8_float16 on GPU).
+
+Semantic choices, each as openai-whisper's (so that both engines answer alike):
+* the log-mel is whisper's own (`whisper.log_mel_spectrogram`, computed by the Scheduler), not faster-whisper's
+  numpy front end, whose rounding differs slightly;
+* at most `sample_len` (224) new tokens a window, as whisper's DecodingOptions; faster-whisper allows 448 less the
+  prompt;
+* the suppressed tokens of whisper's `suppress_tokens="-1"`, suppress_blank, the first timestamp within 1 s;
+* `avg_logprob` as faster-whisper derives it from CTranslate2's length-normalised score (its sum over the tokens
+  and end of text, divided by the token count + 1, as whisper's), `compression_ratio` on the stripped text.
+Word timestamps are not served by this engine yet: a request asking for them is refused (INVALID_ARG).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+import torch
+from whisper.decoding import DecodingResult
+from whisper.tokenizer import get_tokenizer
+from whisper.utils import compression_ratio
+
+from .asr import ASROptions, Scheduler
+from .errors import InvalidInput
+
+ENGINES = ("openai", "ctranslate2")
+SAMPLE_LEN = 224  # whisper's default DecodingOptions.sample_len (n_text_ctx // 2)
+MAX_INITIAL_TIMESTAMP_INDEX = 50  # whisper's max_initial_timestamp of 1 s, in 0.02 s steps
+
+
+@dataclass(frozen=True)
+class Dims:
+    n_mels: int
+
+
+class CTranslate2Whisper:
+    """A CTranslate2 Whisper model with the attributes the Scheduler reads of an openai-whisper `Whisper`."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", compute_type: str = "default",
+                 threads: int = 0):
+        import ctranslate2
+
+        self.device = torch.device(device)
+        index = self.device.index or 0
+        self.ct2 = ctranslate2.models.Whisper(str(model_dir), device=self.device.type, device_index=index,
+                                              compute_type=compute_type, intra_threads=threads)
+        self.dims = Dims(self.ct2.n_mels)
+        self.is_multilingual = self.ct2.is_multilingual
+        self.num_languages = self.ct2.num_languages
+        self.compute_type = self.ct2.compute_type
+
+
+class CTranslate2Scheduler(Scheduler):
+    """trident_serving.asr.Scheduler running a CTranslate2Whisper."""
+
+    def __init__(self, model: CTranslate2Whisper, max_windows: int = 16):
+        # Windows stay float32 whatever the device: CTranslate2's compute type decides the arithmetic.
+        super().__init__(model, max_windows=max_windows, fp16=False)
+
+    def check(self, options: ASROptions) -> Optional[str]:
+        if options.word_timestamps:
+            raise InvalidInput("WORD_TIMESTAMPS is not served by the ctranslate2 engine yet: serve whisper with "
+                               "the openai engine (`python -m export whisper --engine openai`) for word timings")
+        return super().check(options)
+
+    def encode(self, mels: torch.Tensor) -> torch.Tensor:
+        output = self.model.ct2.encode(storage(mels.to(self.model.device, torch.float32)))
+        # Copies, owned by torch: the StorageView's memory is CTranslate2's.
+        if output.device == "cuda":
+            return torch.as_tensor(output, device=self.model.device).clone()
+        return torch.from_numpy(np.array(output))
+
+    def detect_languages(self, features: torch.Tensor) -> List[str]:
+        # Each row's (token, probability) pairs, likeliest first; a token reads "<|en|>".
+        return [pairs[0][0][2:-2] for pairs in self.model.ct2.detect_language(storage(features))]
+
+    def decode(self, features: torch.Tensor, prompts: List[Tuple[str, str]], temperature: float,
+               sample_len: Optional[int]) -> List[DecodingResult]:
+        tokenizers = [get_tokenizer(self.model.is_multilingual, num_languages=self.model.num_languages,
+                                    language=language, task=task) for language, task in prompts]
+        sot_sequences = [list(tokenizer.sot_sequence) for tokenizer in tokenizers]
+        tokenizer = tokenizers[0]  # the special tokens are the same whatever the language and task
+        # whisper's DecodingTask._get_suppress_tokens for its default suppress_tokens="-1"
+        suppress = sorted({*tokenizer.non_speech_tokens, tokenizer.transcribe, tokenizer.translate, tokenizer.sot,
+                           tokenizer.sot_prev, tokenizer.sot_lm, tokenizer.no_speech})
+        results = self.model.ct2.generate(
+            storage(features), sot_sequences, beam_size=1,
+            max_length=len(sot_sequences[0]) + (sample_len or SAMPLE_LEN),
+            return_scores=True, return_no_speech_prob=True, suppress_blank=True, suppress_tokens=suppress,
+            max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
+            # temperature 0: greedy; otherwise sampling from the whole distribution, as whisper does
+            sampling_topk=1 if temperature == 0 else 0, sampling_temperature=temperature or 1.0)
+        decoded = []
+        for (language, _), tokenizer, result in zip(prompts, tokenizers, results):
+            tokens = list(result.sequences_ids[0])
+            text = tokenizer.decode(tokens).strip()
+            # CTranslate2's score is the log-probability sum (tokens and end of text) over the token count
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            decoded.append(DecodingResult(audio_features=None, language=language, tokens=tokens, text=text,
+                                          avg_logprob=avg_logprob, no_speech_prob=result.no_speech_prob,
+                                          temperature=temperature, compression_ratio=compression_ratio(text)))
+        return decoded
+
+
+def storage(tensor: torch.Tensor) -> Any:
+    """A CTranslate2 StorageView over a tensor's memory (CPU through numpy, CUDA through its array interface)."""
+    import ctranslate2
+
+    tensor = tensor.contiguous()
+    return ctranslate2.StorageView.from_array(tensor if tensor.is_cuda else tensor.numpy())
