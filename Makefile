@@ -21,10 +21,10 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := demo
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt serving/pyproject.toml client/pyproject.toml
+$(VENV)/.installed: requirements.txt serving/pyproject.toml client/pyproject.toml gateway/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -e serving -e client
+	$(PY) -m pip install --quiet -r requirements.txt -e serving -e client -e gateway
 	touch $@
 
 # Debian packages the tests need (one per line below, with why):

@@ -1,0 +1,176 @@
+"""The FastAPI application: /v1/detect, /v1/transcribe, /v1/ocr, health, readiness and metrics."""
+
+import asyncio
+import math
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Awaitable, Literal, Optional, TypeVar
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+import trident.aio
+from trident.errors import TridentError
+
+from . import errors
+from .config import Settings
+from .errors import ApiError, error_response
+from .keys import KeyStore
+from .observe import Metrics, Observe
+from .uploads import read_upload
+
+Options = TypeVar("Options", bound=BaseModel)
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+ERRORS = {status: {"description": text} for status, text in {
+    400: "invalid input (the model's message) or parameters", 401: "no API key", 403: "unknown or revoked key",
+    413: "body over the endpoint's limit", 502: "Triton failed", 503: "Triton unavailable or its queue full",
+    504: "Triton timed out"}.items()}
+
+
+class DetectOptions(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+    conf: Optional[float] = Field(None, ge=0, le=1, description="confidence threshold (model default if unset)")
+    iou: Optional[float] = Field(None, ge=0, le=1, description="NMS IoU threshold (model default if unset)")
+
+
+class TranscribeOptions(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+    language: Optional[str] = Field(None, max_length=32, description="e.g. en, ko; detected if unset")
+    task: Literal["transcribe", "translate"] = "transcribe"
+    temperature: Optional[list[float]] = Field(
+        None, description="decoding temperature; repeat it for a fallback schedule (e.g. 0, 0.2, 0.4)")
+    word_timestamps: bool = False
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, int, float)) else value
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities as null: JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _merge(model: type[Options], query: Options, fields: dict) -> Options:
+    """The options of the query string, overridden by the multipart form's fields of the same name."""
+    try:
+        return model.model_validate({**query.model_dump(exclude_unset=True), **fields})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ApiError(400, "invalid_parameter", problems) from None
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway for `settings` (checked: no keys file and auth on is refused)."""
+    settings.check()
+    keys = KeyStore(settings.keys_file) if settings.auth else None
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # One client, so every request shares one gRPC channel (HTTP/2 streams over one connection).
+        app.state.client = trident.aio.Client(settings.triton, protocol="grpc", timeout=settings.timeout)
+        try:
+            yield
+        finally:
+            await app.state.client.close()
+
+    app = FastAPI(title="Trident REST API", version="0.1.0", lifespan=lifespan,
+                  description="Object detection (YOLOv8), speech recognition (Whisper) and OCR (EasyOCR) served "
+                              "by Triton. Send a file as multipart field `file` or as the raw body.")
+    errors.install(app)
+    app.add_middleware(Observe, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    bearer = HTTPBearer(auto_error=False, description="an API key from `python -m trident_gateway keys create`")
+
+    def require_key(request: Request,
+                    credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(bearer)]) -> None:
+        if keys is None:
+            return
+        if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+            raise ApiError(401, "unauthorized", "an API key is required: Authorization: Bearer <key>",
+                           {"WWW-Authenticate": "Bearer"})
+        entry = keys.lookup(credentials.credentials)
+        if entry is None or entry.revoked:
+            raise ApiError(403, "forbidden", "unknown or revoked API key")
+        request.state.key_name = entry.name
+
+    async def ask(call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except TridentError as exc:
+            raise errors.from_trident(exc, settings.retry_after) from exc
+
+    def answer(result: Any) -> JSONResponse:
+        return JSONResponse(_finite(result))
+
+    v1 = dict(dependencies=[Depends(require_key)], openapi_extra=UPLOAD_BODY, responses=ERRORS)
+
+    @app.post("/v1/detect", tags=["models"], **v1)
+    async def detect(request: Request, query: Annotated[DetectOptions, Query()]) -> JSONResponse:
+        """Objects in an image: `{"detections": [{"box": [x1, y1, x2, y2], "score", "class_id", "label"}]}`."""
+        data, fields = await read_upload(request, settings.max_image_bytes)
+        options = _merge(DetectOptions, query, fields)
+        result = await ask(request.app.state.client.detect(data, options.conf, options.iou))
+        return answer(result.to_dict())
+
+    @app.post("/v1/transcribe", tags=["models"], **v1)
+    async def transcribe(request: Request, query: Annotated[TranscribeOptions, Query()]) -> JSONResponse:
+        """Speech in an audio file: `{"text", "language", "segments": [...]}`."""
+        data, fields = await read_upload(request, settings.max_audio_bytes)
+        options = _merge(TranscribeOptions, query, fields)
+        temperature = options.temperature
+        if temperature is not None and len(temperature) == 1:
+            temperature = temperature[0]
+        result = await ask(request.app.state.client.transcribe(
+            data, options.language, options.task, temperature, options.word_timestamps))
+        return answer(result.to_dict())
+
+    @app.post("/v1/ocr", tags=["models"], **v1)
+    async def ocr(request: Request) -> JSONResponse:
+        """Text lines in an image, in reading order: `[{"box": [[x, y] x4], "text", "score"}]`."""
+        data, _ = await read_upload(request, settings.max_image_bytes)
+        lines = await ask(request.app.state.client.read_text(data))
+        return answer([line.to_dict() for line in lines])
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict:
+        """The gateway process is alive (Triton is not asked)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["service"], responses={503: {"description": "Triton or a model is not ready"}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Triton is ready and every model of its repository is READY."""
+        retry = {"Retry-After": str(settings.retry_after)}
+        try:
+            health = await asyncio.wait_for(request.app.state.client.health(), settings.ready_timeout)
+        except (TridentError, asyncio.TimeoutError) as exc:
+            return error_response(503, "not_ready", f"Triton at {settings.triton}: {exc or 'no answer'}", retry)
+        not_ready = {name: state or "UNKNOWN" for name, state in health["models"].items() if state != "READY"}
+        if not health["ready"] or not_ready:
+            why = ", ".join(f"{name} is {state}" for name, state in not_ready.items()) or "server not ready"
+            return JSONResponse({"error": {"code": "not_ready", "message": why}, "server_ready": health["ready"],
+                                 "models": health["models"]}, status_code=503, headers=retry)
+        return JSONResponse({"status": "ready", "models": health["models"]})
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus metrics of the gateway."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
