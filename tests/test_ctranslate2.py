@@ -1,4 +1,4 @@
-"""CTranslate2 -> openai-whisper conversion of the real Whisper base (export/ctranslate2.py), checked against
+"""CTranslate2 <-> openai-whisper conversion of the real Whisper base (export/ctranslate2.py), checked against
 CTranslate2 itself.
 
 * Bit for bit: sample tensors of the converted checkpoint (a split query/key/value piece among them) are found,
@@ -10,11 +10,16 @@ CTranslate2 itself.
   front ends differ (faster-whisper computes its own log-mel with numpy; openai-whisper's uses torch.stft), so
   the two may part ways on a near-tie token: allowed are TOKEN_TOLERANCE edits per clip over the text tokens.
 * Refusals: a truncated model.bin (one of the two package halves), a foreign file, another CTranslate2 spec.
+* Back: openai-whisper checkpoints to CTranslate2 model folders through CTranslate2's WhisperSpec (the
+  ctranslate2 engine's export) give back the original model.bin, config.json and vocabulary; synthetic weights
+  round-trip bit for bit.
 """
 from __future__ import annotations
 
 import base64
 import gzip
+import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -26,8 +31,8 @@ import whisper
 from real_speech import DATA, TRUTH, edit_distance, faster_whisper_transcripts, language_of, load_clip
 
 from export import __main__ as export_main
-from export.ctranslate2 import ConversionError, convert, read_model
-from export.whisper import converted_checkpoint, offline_base_dir
+from export.ctranslate2 import ConversionError, convert, read_model, to_ctranslate2
+from export.whisper import converted_checkpoint, offline_base_dir, synthetic_checkpoint
 
 pytestmark = pytest.mark.whisper
 # The same-features check on the two clips the base model finds hardest (fast voice; Korean): near-ties there
@@ -155,3 +160,50 @@ def test_refuses_another_ctranslate2_spec(ct2_dir, tmp_path):
     assert read_model(model_dir / "model.bin").spec == "TransformerSpec"  # a well-formed file...
     with pytest.raises(ConversionError, match="'TransformerSpec' model, not Whisper"):  # ...of another model
         convert(model_dir, tmp_path / "out.pt")
+
+
+# -- the other way: openai-whisper -> CTranslate2 (export.ctranslate2.to_ctranslate2, CTranslate2's WhisperSpec) --
+
+def test_openai_to_ctranslate2_gives_back_the_original_model(ct2_dir, checkpoint_path, tmp_path):
+    """The converted base, written back by CTranslate2's own WhisperSpec: every variable of the original model.bin
+    bit for bit (the key biases are zeros on both sides), the tied projection as the same alias, and the same
+    config.json and vocabulary. Only the scalar flags a newer CTranslate2 writes are new (and off)."""
+    to_ctranslate2(torch.load(checkpoint_path, map_location="cpu", weights_only=True), tmp_path)
+    original, written = read_model(ct2_dir / "model.bin"), read_model(tmp_path / "model.bin")
+    assert (written.spec, written.revision) == (original.spec, original.revision)
+    added = set(written.variables) - set(original.variables)
+    assert added == {"decoder/alibi_use_positive_positions", "decoder/scale_alibi"}
+    assert all(written.variables[name].item() == 0 for name in added)
+    assert set(original.variables) <= set(written.variables)
+    for name, tensor in original.variables.items():
+        assert written.variables[name].dtype == tensor.dtype and torch.equal(written.variables[name], tensor), name
+    assert written.aliases == original.aliases == {"decoder/projection/weight": "decoder/embeddings/weight"}
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads((ct2_dir / "config.json").read_text())
+    assert json.loads((tmp_path / "vocabulary.json").read_text()) == \
+        (ct2_dir / "vocabulary.txt").read_text(encoding="utf-8").splitlines()
+
+
+def test_synthetic_weights_round_trip(tmp_path):
+    """Random tiny weights to CTranslate2 and back, bit for bit: their many equal layer norms are saved once as
+    aliases (CTranslate2's optimize()), which the reader resolves."""
+    checkpoint = torch.load(synthetic_checkpoint("tiny", 0), map_location="cpu", weights_only=True)
+    to_ctranslate2(checkpoint, tmp_path / "ct2")
+    assert len(read_model(tmp_path / "ct2" / "model.bin").aliases) > 1
+    convert(tmp_path / "ct2", tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", map_location="cpu", weights_only=True)
+    assert back["dims"] == checkpoint["dims"]
+    state = checkpoint["model_state_dict"]
+    assert back["model_state_dict"].keys() == state.keys()
+    assert all(torch.equal(back["model_state_dict"][k], v) and back["model_state_dict"][k].dtype == v.dtype
+               for k, v in state.items())
+
+
+@pytest.mark.parametrize("argv, refusal", [
+    (["--compute-type", "int8"], "--compute-type is for --engine ctranslate2"),
+    (["--engine", "ctranslate2", "--kind", "cpu", "--compute-type", "float16"],
+     "--compute-type float16 is not one for --kind cpu: int8, float32, int8_float32"),
+])
+def test_export_refuses_a_compute_type_the_engine_cannot_run(tmp_path, argv, refusal):
+    with pytest.raises(SystemExit, match=re.escape(refusal)):
+        export_main.main(["whisper", "--weights", "synthetic", "--size", "tiny", *argv, "--repo", str(tmp_path)])
+    assert not (tmp_path / "whisper").exists()

@@ -1,4 +1,5 @@
-"""Whisper scheduling without Triton: fairness, cancellation, failing steps, admission, a dead or stopping worker.
+"""Whisper scheduling without Triton: fairness, cancellation, failing steps, admission, a dead or stopping worker,
+on each engine (openai-whisper and CTranslate2 run the same Scheduler).
 
 Everything is counted in steps or decided by the scheduler's own state, never by sleeping: the tiny synthetic
 model decodes at most a few tokens per window (`sample_len`), so each test takes seconds on a CPU.
@@ -13,8 +14,9 @@ import pytest
 import torch
 import whisper
 
-from export.whisper import synthetic_checkpoint
+from export.whisper import ctranslate2_model, synthetic_checkpoint
 from trident_serving.asr import ASROptions, Scheduler
+from trident_serving.asr_ct2 import ENGINES, CTranslate2Whisper, scheduler_for
 from trident_serving.asr_service import ServiceOptions, Transcriber, held_seconds
 from trident_serving.audio import SAMPLE_RATE
 from trident_serving.batching import run_in_halves
@@ -29,8 +31,16 @@ def noise(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model():
+def openai_model():
     return whisper.load_model(str(synthetic_checkpoint("tiny", seed=0)), device="cpu")
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def model(request, openai_model):
+    """The same synthetic whisper tiny on each engine (the scheduling is the same Scheduler's)."""
+    if request.param == "openai":
+        return openai_model
+    return CTranslate2Whisper(ctranslate2_model(synthetic_checkpoint("tiny", seed=0)), compute_type="float32")
 
 
 def run_to_end(scheduler: Scheduler) -> list:
@@ -47,7 +57,7 @@ def test_short_job_finishes_after_a_bounded_number_of_steps(model):
     """More long jobs than the window budget, then a short one: round-robin serves it within ceil(5 / 2) steps.
 
     Taking the oldest jobs first (as before) would make the short job wait until the long ones finish."""
-    scheduler = Scheduler(model, max_windows=2)
+    scheduler = scheduler_for(model, max_windows=2)
     longs = [scheduler.add(noise(95, seed), FAST) for seed in range(4)]  # four windows each
     assert scheduler.step() == [] and scheduler.stats.last_step_windows == 2
     short = scheduler.add(noise(5, 9), FAST)
@@ -63,14 +73,14 @@ def test_short_job_finishes_after_a_bounded_number_of_steps(model):
 
 
 def test_one_window_per_step_is_no_batching(model):
-    scheduler = Scheduler(model, max_windows=1)
+    scheduler = scheduler_for(model, max_windows=1)
     jobs = [scheduler.add(noise(3, seed), FAST) for seed in range(3)]
     while not scheduler.idle:
         scheduler.step()
         assert scheduler.stats.last_step_windows <= 1
     assert scheduler.stats.steps == 3 and all(job.error is None for job in jobs)
     with pytest.raises(ValueError, match="max_windows"):
-        Scheduler(model, max_windows=0)
+        scheduler_for(model, max_windows=0)
 
 
 def test_service_options_from_config_parameters():
@@ -87,13 +97,13 @@ def test_service_options_from_config_parameters():
         ServiceOptions.from_parameters({"max_audio_seconds": "two hours"})
 
 
-def test_log_mel_is_stored_compactly_without_changing_a_window(model):
+def test_log_mel_is_stored_compactly_without_changing_a_window(openai_model):
     """Only the frames that are read are kept, in the encoder's dtype: float16 for an fp16 (GPU) encoder, which
     whisper.transcribe also feeds float16 windows, float32 otherwise."""
     audio = noise(65)
     mel = whisper.log_mel_spectrogram(torch.from_numpy(audio), padding=whisper.audio.N_SAMPLES)
     for fp16, dtype in ((False, torch.float32), (True, torch.float16)):
-        job = Scheduler(model, fp16=fp16).add(audio, FAST)
+        job = Scheduler(openai_model, fp16=fp16).add(audio, FAST)
         assert job.mel.dtype == dtype and job.mel.shape[-1] == 6500 and job.seconds == 65
         job.seek = 6000  # the last, partial window
         window, size = job.window()
@@ -105,7 +115,7 @@ def test_log_mel_is_stored_compactly_without_changing_a_window(model):
 
 
 def test_cancelled_job_leaves_without_using_a_window(model):
-    scheduler = Scheduler(model, max_windows=4)
+    scheduler = scheduler_for(model, max_windows=4)
     gave_up = threading.Event()
     doomed = scheduler.add(noise(95), FAST, cancelled=gave_up.is_set)
     other = scheduler.add(noise(65, 1), FAST)
@@ -122,29 +132,33 @@ def test_cancelled_job_leaves_without_using_a_window(model):
 # -------------------------------------------------------------------------------------- failing steps
 
 
-class FaultyEncoder(torch.nn.Module):
-    """The model's real encoder, failing like a GPU would: out of memory above `max_rows` inputs, or on a
+class FaultyEncoder:
+    """The scheduler's real encoder, failing like a GPU would: out of memory above `max_rows` inputs, or on a
     constant input (silent audio's language-detection input, standing in for an input that breaks a kernel)."""
 
-    def __init__(self, encoder: torch.nn.Module, max_rows: int = 64, poison_silence: bool = False):
-        super().__init__()
-        self.encoder, self.max_rows, self.poison_silence = encoder, max_rows, poison_silence
+    def __init__(self, encode, max_rows: int = 64, poison_silence: bool = False):
+        self.encode, self.max_rows, self.poison_silence = encode, max_rows, poison_silence
         self.calls: list[int] = []
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+    def __call__(self, scheduler: Scheduler, mel: torch.Tensor) -> torch.Tensor:
         self.calls.append(len(mel))
         if len(mel) > self.max_rows:
             raise RuntimeError(f"CUDA out of memory (simulated for {len(mel)} windows)")
         if self.poison_silence and bool((mel.flatten(1).std(dim=1) == 0).any()):
             raise RuntimeError("kernel failure (simulated on a silent window)")
-        return self.encoder(mel)
+        return self.encode(scheduler, mel)
 
 
 @pytest.fixture
-def faulty(model):
-    real = model.encoder
-    yield lambda **kw: setattr(model, "encoder", FaultyEncoder(real, **kw)) or model.encoder
-    model.encoder = real
+def faulty(model, monkeypatch):
+    """Installs a FaultyEncoder as the encoder of `model`'s scheduler class (for the test)."""
+    engine = type(scheduler_for(model))
+
+    def install(**kw) -> FaultyEncoder:
+        encoder = FaultyEncoder(engine.encode, **kw)
+        monkeypatch.setattr(engine, "encode", lambda scheduler, mel: encoder(scheduler, mel))
+        return encoder
+    return install
 
 
 def summary(result: dict) -> tuple:
@@ -154,7 +168,7 @@ def summary(result: dict) -> tuple:
 
 
 def transcripts(model, audios: list) -> list:
-    scheduler = Scheduler(model, max_windows=len(audios))
+    scheduler = scheduler_for(model, max_windows=len(audios))
     jobs = [scheduler.add(audio, FAST) for audio in audios]
     run_to_end(scheduler)
     return [job.error or summary(scheduler.result(job)) for job in jobs]
@@ -179,7 +193,7 @@ def test_a_job_that_fails_alone_fails_alone(model, faulty, clean):
     audios = [clean[0][0], np.zeros(4 * SAMPLE_RATE, np.float32), *clean[0][2:]]
     expected = [clean[1][0], *clean[1][2:]]
     faulty(poison_silence=True)
-    scheduler = Scheduler(model, max_windows=4)
+    scheduler = scheduler_for(model, max_windows=4)
     jobs = [scheduler.add(audio, FAST) for audio in audios]
     assert set(map(id, scheduler.step())) == set(map(id, jobs))
     assert "simulated" in str(jobs[1].error)
@@ -236,7 +250,7 @@ def admitted_at_once(transcriber: Transcriber, audio: np.ndarray, what: str, bou
 def test_admission_counts_audio_seconds_not_jobs(model):
     """60 s of room: two 30 s jobs are admitted, a third waits (here: its client gives up while it waits)."""
     published = []  # the queued audio each time the model is told a job was admitted (it publishes the gauges)
-    transcriber = Transcriber(Scheduler(model), Answers(), max_queued_audio_seconds=60,  # worker not started
+    transcriber = Transcriber(scheduler_for(model), Answers(), max_queued_audio_seconds=60,  # worker not started
                               on_admit=lambda: published.append(transcriber.scheduler.stats.queued_audio_seconds))
     assert held_seconds(5 * SAMPLE_RATE) == 30 and held_seconds(95 * SAMPLE_RATE) == 95
     first = admitted_at_once(transcriber, noise(5), "the first 30 s of 60")
@@ -248,7 +262,7 @@ def test_admission_counts_audio_seconds_not_jobs(model):
     while not first.done:
         transcriber.scheduler.step()
     transcriber.submit(noise(1, 2), FAST, cancelled=lambda: True)  # room again: admitted at once
-    big = Transcriber(Scheduler(model), Answers(), max_queued_audio_seconds=60)
+    big = Transcriber(scheduler_for(model), Answers(), max_queued_audio_seconds=60)
     # longer than the whole limit: runs alone rather than never (a wrong rule would wait for ever)
     admitted_at_once(big, noise(95), "a request longer than max_queued_audio_seconds, to an empty transcriber,")
     with pytest.raises(InvalidInput, match="unknown task 'summarize': use one of transcribe, translate"):
@@ -257,7 +271,7 @@ def test_admission_counts_audio_seconds_not_jobs(model):
 
 def test_worker_survives_a_failing_step_and_answers_everyone(model):
     answers = Answers()
-    scheduler = Scheduler(model)
+    scheduler = scheduler_for(model)
     published = []  # answers given when each step's metrics were published
     transcriber = Transcriber(scheduler, answers, on_step=lambda: published.append(len(answers.jobs)))
     real_step, failures = scheduler.step, [RuntimeError("bookkeeping bug (simulated)")]
@@ -282,7 +296,7 @@ def test_worker_survives_a_failing_step_and_answers_everyone(model):
 def test_dead_worker_fails_requests_fast(model):
     died = threading.Event()
     answers = Answers()
-    scheduler = Scheduler(model)
+    scheduler = scheduler_for(model)
     transcriber = Transcriber(scheduler, answers, on_dead=lambda exc: died.set())
 
     def step():
@@ -301,7 +315,7 @@ def test_dead_worker_fails_requests_fast(model):
 
 def test_close_answers_unfinished_jobs_once(model):
     answers = Answers()
-    transcriber = Transcriber(Scheduler(model, max_windows=1), answers)
+    transcriber = Transcriber(scheduler_for(model, max_windows=1), answers)
     jobs = [transcriber.submit(noise(65, seed), FAST) for seed in range(3)]
     transcriber.start()
     transcriber.close()

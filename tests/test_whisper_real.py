@@ -14,6 +14,7 @@ voice is hard for the base model: the bound there is loose and relative to faste
 """
 from __future__ import annotations
 
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -98,6 +99,13 @@ def test_text_equals_faster_whisper(engine, alone):
         else:
             assert edit_distance(alone[name].text.split(), reference[name].text.split()) <= TOKEN_TOLERANCE, name
         assert alone[name].language == reference[name].language
+
+
+def test_metrics_say_which_engine_serves(engine, real):
+    # one CPU instance each, both in float32 (the ctranslate2 export asks for it: faster-whisper's arithmetic)
+    assert worker_metrics(real).total("trident_whisper_engine_info", model="whisper", engine=engine,
+                                      compute_type="float32") == 1
+    assert json.loads((real.repository / "export.json").read_text())["whisper"]["engine"] == engine
 
 
 def test_english_word_error_rate_and_language(alone, reference):

@@ -186,8 +186,12 @@ def _model_level(model: str, delta, rate, after: Snapshot) -> Dict[str, float]:
                 extra[f"{name} (average)"] = average
         elif kind == "counter":
             extra[f"{name}_total"] = rate(delta(name, model=model))
-        else:
-            extra[name] = after.total(name, model=model)
+        else:  # a gauge; one entry per value of its own labels (e.g. whisper's engine), if it has any
+            for (sample, labels), value in after.samples.items():
+                own = {k: v for k, v in labels if k not in ("model", "version")}
+                if sample == name and ("model", model) in labels:
+                    key = name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(own.items())) + "}" if own else "")
+                    extra[key] = extra.get(key, 0.0) + value
     return extra
 
 

@@ -110,6 +110,13 @@ class CTranslate2Scheduler(Scheduler):
         return decoded
 
 
+def scheduler_for(model: Any, max_windows: int = 16) -> Scheduler:
+    """The Scheduler that runs `model`: an openai-whisper Whisper or a CTranslate2Whisper."""
+    if isinstance(model, CTranslate2Whisper):
+        return CTranslate2Scheduler(model, max_windows=max_windows)
+    return Scheduler(model, max_windows=max_windows)  # fp16 on a GPU, fp32 on a CPU
+
+
 def storage(tensor: torch.Tensor) -> Any:
     """A CTranslate2 StorageView over a tensor's memory (CPU through numpy, CUDA through its array interface)."""
     import ctranslate2

@@ -62,8 +62,12 @@ WHISPER_FALLBACKS = Spec(
 WHISPER_AUDIO = Spec(
     "trident_whisper_transcribed_audio_seconds_total", COUNTER,
     "Audio seconds of successfully finished transcriptions.")
+WHISPER_ENGINE = Spec(
+    "trident_whisper_engine_info", GAUGE,
+    "Whisper instances by the engine that runs them (openai or ctranslate2) and its compute type.",
+    labels=("engine", "compute_type"))
 WHISPER: tuple[Spec, ...] = (WHISPER_ACTIVE, WHISPER_QUEUED_AUDIO, WHISPER_STEP_WINDOWS, WHISPER_FALLBACKS,
-                             WHISPER_AUDIO)
+                             WHISPER_AUDIO, WHISPER_ENGINE)
 
 CATALOGUE: tuple[Spec, ...] = (REQUEST_ERRORS, DETECT_BLS_IMAGES, EASYOCR_BATCH_CROPS, *WHISPER)
 
@@ -108,7 +112,7 @@ class ModelMetrics:
         self._metric(spec, **labels)
 
     def inc(self, spec: Spec, amount: float = 1.0, **labels: str) -> None:
-        """Add `amount` (≥ 0) to a counter (`labels`: the spec's own labels, e.g. code="INVALID_ARG")."""
+        """Add `amount` (≥ 0) to a counter or gauge (`labels`: the spec's own labels, e.g. code="INVALID_ARG")."""
         if amount:
             self._metric(spec, **labels).increment(float(amount))
 

@@ -14,8 +14,8 @@ import os
 import triton_python_backend_utils as pb_utils
 
 from trident_serving import gpu, metrics, triton
-from trident_serving.asr import FRAMES_PER_SECOND, ASROptions, Scheduler, load_model
-from trident_serving.asr_ct2 import ENGINES, CTranslate2Scheduler, CTranslate2Whisper
+from trident_serving.asr import FRAMES_PER_SECOND, ASROptions, load_model
+from trident_serving.asr_ct2 import ENGINES, CTranslate2Whisper, scheduler_for
 from trident_serving.asr_service import ServiceOptions, Transcriber
 from trident_serving.audio import check_pcm, decode_audio
 from trident_serving.errors import InvalidInput
@@ -40,13 +40,14 @@ class TritonPythonModel:
         device = triton.device(args)
         if engine == "ctranslate2":  # `checkpoint` is the CTranslate2 model folder
             model = CTranslate2Whisper(checkpoint, device, compute_type=parameters.get("compute_type", "default"))
-            scheduler = CTranslate2Scheduler(model, max_windows=options.max_windows_per_step)
         else:
             model = load_model(checkpoint)  # with the alignment heads the checkpoint carries (word timestamps)
             if device != "cpu":  # fp16 weights, cast once on the CPU: whisper's casts' numbers, half the memory
                 model = gpu.keep_fp16(model).to(device)
-            scheduler = Scheduler(model, max_windows=options.max_windows_per_step)  # fp16 on GPU, fp32 on CPU
         triton.memory_checkpoint("loaded")
+        scheduler = scheduler_for(model, max_windows=options.max_windows_per_step)
+        compute_type = model.compute_type if engine == "ctranslate2" else "float16" if device != "cpu" else "float32"
+        self.metrics.inc(metrics.WHISPER_ENGINE, engine=engine, compute_type=compute_type)  # `trident stats` shows it
         self.transcriber = Transcriber(scheduler, self.respond, options.max_queued_audio_seconds, on_dead=end_stub,
                                        on_step=lambda: metrics.publish_whisper_step(self.metrics, scheduler.stats),
                                        on_admit=lambda: metrics.publish_whisper_queue(self.metrics, scheduler.stats))
