@@ -105,14 +105,14 @@ DEPLOY_VENV ?= .venv-deploy
 DEPLOY_PY := $(DEPLOY_VENV)/bin/python
 deploy-venv: $(DEPLOY_VENV)/.installed
 $(DEPLOY_VENV)/.installed: deploy/requirements-host.txt deploy/requirements-image.txt \
-    deploy/requirements-image-nodeps.txt serving/pyproject.toml client/pyproject.toml
+    deploy/requirements-image-nodeps.txt serving/pyproject.toml client/pyproject.toml gateway/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' || { \
 	  echo "$(DEPLOY_VENV) needs CPython 3.10, 3.11 or 3.12, $(PYTHON) is $$($(PYTHON) -V 2>&1):" \
 	    "make deploy PYTHON=python3.X"; \
 	  exit 1; }
 	test -x $(DEPLOY_PY) || $(PYTHON) -m venv $(DEPLOY_VENV)
 	$(DEPLOY_PY) -m pip install --quiet --upgrade pip
-	$(DEPLOY_PY) -m pip install --quiet -r deploy/requirements-host.txt -e serving -e client
+	$(DEPLOY_PY) -m pip install --quiet -r deploy/requirements-host.txt -e serving -e client -e gateway
 	$(DEPLOY_PY) -m pip install --quiet --no-deps -r deploy/requirements-image-nodeps.txt
 	touch $@
 

@@ -7,7 +7,8 @@
 #   3. build the image trident-triton:24.10 (deploy/Dockerfile)
 #   4. yolov8: its TensorRT engine, built in that container (deploy/build_engine.sh); ENGINE=onnxruntime instead
 #      serves it through onnxruntime with its TensorRT accelerator
-#   5. docker compose up -d, wait until the `triton` service is healthy (deploy/wait_healthy.sh)
+#   5. secrets (.secrets/, git-ignored, made once): Triton's admin key, a first gateway API key; docker compose
+#      up -d, wait until the `triton` service is healthy (deploy/wait_healthy.sh)
 #   6. smoke-test every model through the `trident` CLI with the shipped samples, print the URLs
 #
 # Environment: WEIGHTS (official | synthetic: every model's default), YOLO_WEIGHTS, WHISPER_WEIGHTS,
@@ -127,6 +128,20 @@ fi
 # Docker declares the service unhealthy at most 3 failed checks (10 s apart, 5 s each) after the start period.
 wait_seconds=$((START_PERIOD_SECONDS + 60))
 step "5/6 start and wait until healthy (every model loads and warms up first; up to ${wait_seconds}s)"
+# TRIDENT_ADMIN_KEY restricts Triton's model-repository API (README "Security"); the services read .secrets/admin.env,
+# the smoke test below (trident health) the exported variable.
+# Each made once (printed always, so that a dry run shows the same plan on every host), kept across deploys.
+printf '+ %s\n' "test -s .secrets/admin.env || <write TRIDENT_ADMIN_KEY=<32 random bytes, hex> into it>"
+if [ -z "$DRY_RUN" ] && [ ! -s .secrets/admin.env ]; then
+  (umask 077 && mkdir -p .secrets &&
+    printf 'TRIDENT_ADMIN_KEY=%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >.secrets/admin.env)
+fi
+if [ -z "$DRY_RUN" ]; then export "$(grep '^TRIDENT_ADMIN_KEY=' .secrets/admin.env)"; fi
+# the gateway's first API key, shown once (more: python -m trident_gateway keys create NAME --keys <that file>)
+keys_command=("$PYTHON" -m trident_gateway keys create deploy --keys .secrets/gateway-keys.json)
+printf '+ test -s .secrets/gateway-keys.json || %s\n' "$(quoted "${keys_command[@]}")"
+if [ -z "$DRY_RUN" ] && [ ! -s .secrets/gateway-keys.json ]; then (umask 077 && "${keys_command[@]}"); fi
+run docker compose build api
 run docker compose up -d
 run deploy/wait_healthy.sh triton "$wait_seconds"
 
@@ -144,6 +159,8 @@ host=$(hostname -f 2>/dev/null || hostname)
 cat <<EOF
 
 Trident is up$([ -n "$DRY_RUN" ] && echo " (dry run: nothing was run)"):
+  REST API http://$host:${API_PORT:-8080}/docs   (the published service; Bearer key above)
+  Triton, on ${TRITON_BIND:-127.0.0.1} (README "Security"):
   HTTP     http://$host:$HTTP_PORT/v2/health/ready
   gRPC     $host:$GRPC_PORT   (trident --url $host:$GRPC_PORT health)
   metrics  http://$host:$METRICS_PORT/metrics

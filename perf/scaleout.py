@@ -50,6 +50,7 @@ from perf import analyzer
 from perf.prometheus import LocalPrometheus
 from trident import Client
 from trident.balancing import static_target
+from trident.calls import admin_headers
 from trident_serving import server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +175,7 @@ class Replica:
         import tritonclient.http as httpclient
 
         with httpclient.InferenceServerClient(f"127.0.0.1:{self.options.http_port}", network_timeout=600) as client:
-            client.load_model(model)
+            client.load_model(model, headers=admin_headers("http"))
 
     def successes(self, model: str = MODEL) -> int:
         """`nv_inference_request_success` of `model` from this replica's own metrics endpoint."""

@@ -148,31 +148,35 @@ class Loader:
     def __init__(self, url: str):
         import tritonclient.grpc as grpcclient
 
+        from trident.calls import admin_headers
+
         self.client = grpcclient.InferenceServerClient(url)
+        self.headers = admin_headers("grpc")  # a restricted model-repository API's key ($TRIDENT_ADMIN_KEY)
 
     def load(self, model: str, batching: str) -> None:
         for dependency in DEPENDENCIES.get(model, ()):
-            self.client.load_model(dependency)
+            self.client.load_model(dependency, headers=self.headers)
         if batching == "on":
-            self.client.load_model(model)  # the repository's config (a reload also drops an earlier override)
+            # the repository's config (a reload also drops an earlier override)
+            self.client.load_model(model, headers=self.headers)
         else:
             # Override from the config as loaded, so instances and everything else stay the same.
             if not self.client.is_model_ready(model):
-                self.client.load_model(model)
+                self.client.load_model(model, headers=self.headers)
             config = self.client.get_model_config(model, as_json=True)["config"]
             override = batching_off(config) if batching == "off" else letterbox_square(config)
-            self.client.load_model(model, config=json.dumps(override))
+            self.client.load_model(model, headers=self.headers, config=json.dumps(override))
         if not self.client.is_model_ready(model):
             raise RuntimeError(f"{model} did not become ready ({batching=})")
 
     def unload(self, model: str) -> None:
         for name in (model, *DEPENDENCIES.get(model, ())):
-            self.client.unload_model(name)
+            self.client.unload_model(name, headers=self.headers)
         # unloading is asynchronous: wait until the instances are gone before measuring the next model
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            index = {m["name"]: m.get("state", "") for m in self.client.get_model_repository_index(as_json=True)
-                     .get("models", [])}
+            index = {m["name"]: m.get("state", "") for m in self.client.get_model_repository_index(
+                headers=self.headers, as_json=True).get("models", [])}
             if all(index.get(n) != "READY" for n in (model, *DEPENDENCIES.get(model, ()))):
                 return
             time.sleep(0.5)

@@ -389,6 +389,10 @@ def deploy_commands(yolo: str, whisper: str, easyocr: str, grpc_port: str) -> li
         f"{python} -m export easyocr --weights {easyocr} --repo model_repository",
         "docker compose build triton",
         *engine_commands(yolo),
+        "test -s .secrets/admin.env || <write TRIDENT_ADMIN_KEY=<32 random bytes, hex> into it>",
+        f"test -s .secrets/gateway-keys.json || {python} -m trident_gateway keys create deploy --keys "
+        ".secrets/gateway-keys.json",
+        "docker compose build api",
         "docker compose up -d",
         f"deploy/wait_healthy.sh triton {int(ENV['START_PERIOD_SECONDS']) + 60}",
         f"{trident} health",
@@ -606,3 +610,34 @@ def test_host_requirements_resolve(python):
     assert ("ultralytics-platform" in installed) == (python >= "3.11")
     assert ("setuptools" in installed) == (python == "3.12")
     assert pip_resolve.unmet_nodeps_requirements(installed, python, pip_resolve.HOST_GLIBC) == []
+
+
+# --- issue 19: only the gateway is published; Triton's model-repository API is restricted ----------------------
+
+def test_compose_publishes_the_gateway_and_binds_triton_to_loopback():
+    result = compose()
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert {p["host_ip"] for p in services["triton"]["ports"]} == {"127.0.0.1"}
+    api = services["api"]
+    assert api["build"]["dockerfile"] == "gateway/Dockerfile" and api["read_only"] is True
+    assert api["tmpfs"] == ["/tmp"] and api["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert [(p["target"], p["published"]) for p in api["ports"]] == [(8080, ENV["API_PORT"])]
+    assert "TRIDENT_GATEWAY_TRITON=triton:8001" in [f"{k}={v}" for k, v in api["environment"].items()]
+
+
+def test_the_admin_key_is_generated_never_committed():
+    assert "TRIDENT_ADMIN_KEY" not in ENV
+    assert ".secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "/dev/urandom" in (ROOT / "deploy" / "deploy.sh").read_text()
+    dockerfile = (ROOT / "gateway" / "Dockerfile").read_text()
+    assert "\nUSER 10001:10001\n" in dockerfile and dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
+
+
+def test_trident_serve_restricts_the_model_repository_api_with_the_key():
+    from trident_serving import container
+
+    argv = container.command({"TRIDENT_ADMIN_KEY": "k3y"}, gpus=0)
+    assert {"--http-restricted-api=model-repository:trident-admin-key=k3y",
+            "--grpc-restricted-protocol=model-repository:trident-admin-key=k3y"} <= set(argv)
+    assert not any("restricted" in arg for arg in container.command({}, gpus=0))

@@ -116,12 +116,15 @@ def test_deployment_serves_the_trident_image_on_a_gpu(rendered):
     assert mounts["/models"]["readOnly"] is True and env["MODEL_REPOSITORY"] == "/models"
     assert [m for m in mounts if m.startswith("/models/")] == []
     assert objects[("PersistentVolumeClaim", "trident-models")]["spec"]["accessModes"] == ["ReadWriteMany"]
-    # Every Service and monitor selects exactly the Deployment's pods.
+    # Every Service and monitor selects exactly the Deployment's pods (the gateway's Service, the gateway's pods).
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    pods = {name: obj["spec"]["template"]["metadata"]["labels"] for (kind, name), obj in objects.items()
+            if kind == "Deployment"}
     for (kind, name), obj in objects.items():
         if kind == "Service":
-            assert obj["spec"]["selector"].items() <= labels.items(), name
+            selected = [pod for pod, pod_labels in pods.items() if obj["spec"]["selector"].items() <= pod_labels.items()]
+            assert selected == (["trident-gateway"] if name == "trident-gateway" else ["trident"]), name
     headless = objects[("Service", "trident-grpc-headless")]["spec"]
     assert headless["clusterIP"] == "None" and [p["port"] for p in headless["ports"]] == [8001]
     monitor = objects[("PodMonitor", "trident")]
@@ -422,3 +425,39 @@ def test_every_autoscaling_query_returned_series_during_the_load(simulation):
         simulation.adapter_results
     assert {n: r["series"] for n, r in simulation.keda_results.items()} == \
         {n: 1 for n in scaleout.keda_triggers()}, simulation.keda_results
+
+
+# --- issue 19: the gateway in front, Triton admitting only it and Prometheus, the admin key from a Secret ----------
+
+def test_gateway_runs_unprivileged_and_scales_on_cpu(rendered):
+    _, docs = rendered
+    objects = by_kind(docs)
+    gateway = objects[("Deployment", "trident-gateway")]["spec"]["template"]
+    (container,) = gateway["spec"]["containers"]
+    assert gateway["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"secretRef": {"name": "trident-admin-key"}} in container["envFrom"]
+    assert objects[("Service", "trident-gateway")]["spec"]["selector"] == gateway["metadata"]["labels"]
+    hpa = objects[("HorizontalPodAutoscaler", "trident-gateway")]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "trident-gateway"
+    assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
+
+
+def test_network_policy_admits_only_the_gateway_and_prometheus_to_triton(rendered):
+    _, docs = rendered
+    objects = by_kind(docs)
+    triton = objects[("Deployment", "trident")]["spec"]["template"]
+    gateway_labels = objects[("Deployment", "trident-gateway")]["spec"]["template"]["metadata"]["labels"]
+    policy = objects[("NetworkPolicy", "trident-triton-ingress")]["spec"]
+    selected = policy["podSelector"]["matchLabels"]
+    assert selected.items() <= triton["metadata"]["labels"].items()
+    assert not selected.items() <= gateway_labels.items(), "the policy would select the gateway's pods"
+    (gateway_rule, prometheus_rule) = policy["ingress"]
+    (source,) = gateway_rule["from"]
+    assert source["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert not source["podSelector"]["matchLabels"].items() <= triton["metadata"]["labels"].items()
+    assert [p["port"] for p in gateway_rule["ports"]] == [8001]
+    assert prometheus_rule["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert [p["port"] for p in prometheus_rule["ports"]] == [8002]
+    (container,) = triton["spec"]["containers"]
+    assert {"secretRef": {"name": "trident-admin-key"}} in container["envFrom"]

@@ -32,10 +32,14 @@ Result = TypeVar("Result")
 
 
 class Client:
-    """Asyncio client of one Trident server; `url`, `protocol` and `timeout` as for `trident.Client`."""
+    """Asyncio client of one Trident server; its arguments as for `trident.Client` (TLS for gRPC, the
+    restricted model-repository API's key)."""
 
-    def __init__(self, url: str = "localhost", protocol: str | None = None, timeout: float = 120.0):
-        self._endpoint = calls.endpoint(url, protocol)
+    def __init__(self, url: str = "localhost", protocol: str | None = None, timeout: float = 120.0,
+                 ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
+                 certificate_chain: str | None = None, admin_key: str | None = None):
+        tls = calls.Tls(root_certificates, private_key, certificate_chain) if ssl else None
+        self._endpoint = calls.endpoint(url, protocol, tls, admin_key)
         self.url, self.protocol, self.timeout = self._endpoint.address, self._endpoint.protocol, timeout
         self._triton: Any = None  # tritonclient's aio client: created by the first call, in the running loop
         self._module: Any = None
@@ -63,7 +67,7 @@ class Client:
             if self.protocol == "grpc":
                 import tritonclient.grpc.aio as module
 
-                self._triton = module.InferenceServerClient(self.url, channel_args=self._endpoint.channel_args)
+                self._triton = module.InferenceServerClient(self.url, **self._endpoint.client_options())
             else:
                 import tritonclient.http.aio as module
 
@@ -104,7 +108,8 @@ class Client:
         client, _ = self._open()
         timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
         try:
-            index, live, ready = await asyncio.gather(client.get_model_repository_index(**timeout),
+            index, live, ready = await asyncio.gather(client.get_model_repository_index(
+                                                          headers=self._endpoint.admin_headers, **timeout),
                                                       client.is_server_live(**timeout),
                                                       client.is_server_ready(**timeout))
         except Exception as exc:  # noqa: BLE001

@@ -7,7 +7,8 @@ and return the same results. Also here: the URL forms both accept and the transl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
@@ -18,36 +19,84 @@ from .inputs import ImageLike, encode_image, read_bytes
 from .results import Detection, DetectResult, Segment, TextLine, Transcription
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+# The header a restricted model-repository API (index, load, unload) asks for, and the variable holding its value:
+# the server's `--restrict-model-repository` (trident_serving.server.ADMIN_HEADER; this package imports nothing of
+# the server). Triton reads the gRPC one as `triton-grpc-protocol-<header>` (its restricted-protocol prefix).
+ADMIN_HEADER = "trident-admin-key"
+ADMIN_KEY_ENV = "TRIDENT_ADMIN_KEY"
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
 Result = TypeVar("Result")
 
 
 # -- where to send ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Tls:
+    """TLS of a gRPC channel, as tritonclient.grpc takes it: PEM file paths. `root_certificates`: the CA that
+    signed the server's certificate (None: gRPC's default roots); `private_key` + `certificate_chain`: the client's
+    own certificate, for a server that asks for one (mutual TLS)."""
+
+    root_certificates: str | None = None
+    private_key: str | None = None
+    certificate_chain: str | None = None
+
+    def __post_init__(self):
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise ValueError("a client certificate needs both its private key and its certificate chain")
+
+    def options(self) -> dict:
+        """tritonclient.grpc's (and .aio's) InferenceServerClient arguments."""
+        return {"ssl": True, "root_certificates": self.root_certificates, "private_key": self.private_key,
+                "certificate_chain": self.certificate_chain}
+
+
+@dataclass(frozen=True)
 class Endpoint:
-    """A server address as tritonclient takes it ("host:port" or a gRPC resolver target), its protocol, and
-    the gRPC channel arguments it needs (None: tritonclient's defaults)."""
+    """A server address as tritonclient takes it ("host:port" or a gRPC resolver target), its protocol, the
+    gRPC channel arguments it needs (None: tritonclient's defaults), its TLS (None: plain text) and the headers of
+    its model-repository calls (a restricted API's key)."""
 
     address: str
     protocol: str
     channel_args: list | None = None
+    tls: Tls | None = None
+    admin_headers: dict = field(default_factory=dict)
+
+    def client_options(self) -> dict:
+        """tritonclient.grpc's InferenceServerClient arguments beyond the address ({} for HTTP)."""
+        if self.protocol != "grpc":
+            return {}
+        return {"channel_args": self.channel_args, **(self.tls.options() if self.tls else {})}
 
 
-def endpoint(url: str, protocol: str | None = None) -> Endpoint:
+def endpoint(url: str, protocol: str | None = None, tls: Tls | None = None,
+             admin_key: str | None = None) -> Endpoint:
     """Parse "host[:port]", "http://host[:port]", "grpc://host[:port]" or a gRPC name-resolver target
     ("dns:///host:8001", "ipv4:a:8001,b:8001", balanced over every replica: `trident.balancing`).
-    Without a port the protocol's default (gRPC 8001, HTTP 8000) is used."""
+    Without a port the protocol's default (gRPC 8001, HTTP 8000) is used. `tls`: gRPC only (Triton serves HTTP
+    in plain text). `admin_key`: see `admin_headers`."""
     if is_resolver_target(url):
         if (protocol or "grpc").lower() != "grpc":
             raise ValueError(f"{url!r} is a gRPC name-resolver target: protocol must be 'grpc'")
-        return Endpoint(url, "grpc", channel_args())
+        return Endpoint(url, "grpc", channel_args(), tls, admin_headers("grpc", admin_key))
     scheme, _, address = url.rpartition("://")
     protocol = (protocol or scheme or "grpc").lower()
     if protocol not in DEFAULT_PORTS:
         raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+    if tls is not None and protocol != "grpc":
+        raise ValueError("TLS is for gRPC: Triton serves HTTP in plain text")
     if ":" not in address:
         address = f"{address}:{DEFAULT_PORTS[protocol]}"
-    return Endpoint(address, protocol)
+    return Endpoint(address, protocol, None, tls, admin_headers(protocol, admin_key))
+
+
+def admin_headers(protocol: str, key: str | None = None) -> dict[str, str]:
+    """The headers a restricted model-repository API asks for, for tritonclient's `headers=` of `protocol`;
+    `key` None: $TRIDENT_ADMIN_KEY; no key: {} (an open API needs none)."""
+    key = os.environ.get(ADMIN_KEY_ENV, "") if key is None else key
+    if not key:
+        return {}
+    return {(GRPC_RESTRICTED_PREFIX if protocol == "grpc" else "") + ADMIN_HEADER: key}
 
 
 # -- what to send ----------------------------------------------------------------------------------------------

@@ -21,6 +21,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: from the URL scheme, else grpc")
     parser.add_argument("--timeout", type=float,
                         help="seconds per request (default 120; for analyze 3600: a whole soundtrack is one request)")
+    tls = parser.add_argument_group("TLS (gRPC)", "health: a restricted model-repository API's key is read from "
+                                    "$TRIDENT_ADMIN_KEY")
+    tls.add_argument("--ssl", action="store_true",
+                     help="connect over TLS (implied by the options below; not for analyze yet)")
+    tls.add_argument("--root-cert", default=os.environ.get("TRIDENT_ROOT_CERT"), metavar="PEM",
+                     help="CA certificate that signed the server's (env TRIDENT_ROOT_CERT; default: system roots)")
+    tls.add_argument("--client-cert", default=os.environ.get("TRIDENT_CLIENT_CERT"), metavar="PEM",
+                     help="this client's certificate chain, for mutual TLS (env TRIDENT_CLIENT_CERT)")
+    tls.add_argument("--client-key", default=os.environ.get("TRIDENT_CLIENT_KEY"), metavar="PEM",
+                     help="its private key (env TRIDENT_CLIENT_KEY)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("health", help="server liveness/readiness and model states (exit 1 unless all ready)")
@@ -79,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         return _stats(args)
     if args.command == "analyze":
         return _analyze(args)
-    client = Client(args.url, protocol=args.protocol, timeout=args.timeout or 120.0)
+    try:
+        client = Client(args.url, protocol=args.protocol, timeout=args.timeout or 120.0, **tls_options(args))
+    except ValueError as exc:
+        print(f"trident: {exc}", file=sys.stderr)
+        return 2
     if args.command == "health":
         try:
             health = client.health()
@@ -102,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         return _each(args.files, lambda p: client.transcribe(p, args.language, args.task, args.temperature,
                                                              word_timestamps=args.words), show, args.json)
     return _each(args.images, client.read_text, _show_lines, args.json)
+
+
+def tls_options(args: argparse.Namespace) -> dict:
+    """The Client's TLS arguments of the command line; --root-cert or a client certificate alone imply --ssl."""
+    ssl = args.ssl or any((args.root_cert, args.client_cert, args.client_key))
+    return {"ssl": ssl, "root_certificates": args.root_cert, "private_key": args.client_key,
+            "certificate_chain": args.client_cert}
 
 
 def _stats(args: argparse.Namespace) -> int:

@@ -21,10 +21,18 @@ class Client:
     (gRPC 8001, HTTP 8000) is used. A gRPC name-resolver target ("dns:///host:8001", "ipv4:a:8001,b:8001")
     spreads requests over every replica it resolves to (`trident.balancing`). `timeout` bounds each request
     in seconds. Safe to share between threads. `trident.aio.Client` is the same client for asyncio.
+
+    TLS (gRPC): `ssl=True`, with `root_certificates` (PEM file of the CA that signed the server's certificate;
+    default: gRPC's system roots) and, for a server that asks for one (mutual TLS), the client's own
+    `private_key` and `certificate_chain` (PEM files). `admin_key`: the value of a restricted model-repository
+    API's header, sent by `health()` (default: $TRIDENT_ADMIN_KEY; "" sends none).
     """
 
-    def __init__(self, url: str = "localhost", protocol: str | None = None, timeout: float = 120.0):
-        self._endpoint = calls.endpoint(url, protocol)
+    def __init__(self, url: str = "localhost", protocol: str | None = None, timeout: float = 120.0,
+                 ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
+                 certificate_chain: str | None = None, admin_key: str | None = None):
+        tls = calls.Tls(root_certificates, private_key, certificate_chain) if ssl else None
+        self._endpoint = calls.endpoint(url, protocol, tls, admin_key)
         self.url, self.protocol, self.timeout = self._endpoint.address, self._endpoint.protocol, timeout
         self._local = threading.local()  # tritonclient's HTTP client is not thread-safe: one per thread
 
@@ -35,7 +43,7 @@ class Client:
             if self.protocol == "grpc":
                 import tritonclient.grpc as module
 
-                client = module.InferenceServerClient(self.url, channel_args=self._endpoint.channel_args)
+                client = module.InferenceServerClient(self.url, **self._endpoint.client_options())
             else:
                 import tritonclient.http as module
 
@@ -65,7 +73,7 @@ class Client:
         """Liveness, readiness and the readiness of each model in the repository."""
         client = self._triton
         try:
-            index = client.get_model_repository_index()
+            index = client.get_model_repository_index(headers=self._endpoint.admin_headers)
             return calls.health_report(self._endpoint, client.is_server_live(), client.is_server_ready(), index)
         except Exception as exc:  # noqa: BLE001
             raise calls.translate(exc, "health") from exc

@@ -27,6 +27,13 @@ def _serve(args: argparse.Namespace) -> int:
         settings.max_audio_bytes = int(args.max_audio_mb * MB)
     if args.timeout is not None:
         settings.timeout = args.timeout
+    if args.data_dir is not None:
+        settings.data_dir = args.data_dir
+    if args.max_jobs is not None:
+        settings.max_jobs = args.max_jobs
+    for name in ("triton_root_cert", "triton_client_cert", "triton_client_key", "ssl_certfile", "ssl_keyfile"):
+        setattr(settings, name, getattr(args, name) or getattr(settings, name))
+    settings.triton_ssl = args.triton_ssl or settings.triton_ssl
     try:
         app = create_app(settings)
     except ValueError as exc:
@@ -41,7 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.auth:
         print("trident_gateway: --no-auth: the API is open to anyone who reaches it", file=sys.stderr)
     # uvicorn's own access log is off: ours (trident_gateway.access) carries the key's name
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level,
+                ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
     return 0
 
 
@@ -80,7 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-image-mb", type=float, help="body limit of /v1/detect and /v1/ocr (default 20)")
     serve.add_argument("--max-audio-mb", type=float, help="body limit of /v1/transcribe (default 100)")
     serve.add_argument("--timeout", type=float, help="seconds each Triton call may take (default 120)")
+    serve.add_argument("--data-dir", type=Path, help="analysis jobs' uploads, results and SQLite state (default: "
+                       "a temporary folder; TRIDENT_GATEWAY_DATA): give a persistent one in production")
+    serve.add_argument("--max-jobs", type=int, help="analysis jobs run at once, the others queued (default 2)")
     serve.add_argument("--log-level", default="info")
+    tls = serve.add_argument_group("TLS", "PEM files; each option also from TRIDENT_GATEWAY_<OPTION> (e.g. "
+                                   "TRIDENT_GATEWAY_SSL_CERTFILE). A restricted model-repository API's key (for "
+                                   "/readyz): TRIDENT_ADMIN_KEY")
+    tls.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (chain)")
+    tls.add_argument("--ssl-keyfile", help="and this private key")
+    tls.add_argument("--triton-ssl", action="store_true", help="reach Triton's gRPC over TLS")
+    tls.add_argument("--triton-root-cert", help="CA certificate of Triton's (implies --triton-ssl)")
+    tls.add_argument("--triton-client-cert", help="the gateway's certificate, for Triton's mutual TLS")
+    tls.add_argument("--triton-client-key", help="its private key")
     serve.set_defaults(run=_serve)
     manage = commands.add_parser("keys", help="create, revoke or list API keys")
     actions = manage.add_subparsers(dest="action", required=True)

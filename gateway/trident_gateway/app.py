@@ -7,19 +7,22 @@ from typing import Annotated, Any, Awaitable, Literal, Optional, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import trident.aio
+from trident.analyze.results import Options as AnalysisOptions
 from trident.errors import TridentError
 
 from . import errors
 from .config import Settings
 from .errors import ApiError, error_response
+from .jobs import FORMATS, JobRunner
 from .keys import KeyStore
 from .observe import Metrics, Observe
+from .spool import save_upload
 from .uploads import read_upload
 
 Options = TypeVar("Options", bound=BaseModel)
@@ -31,6 +34,9 @@ ERRORS = {status: {"description": text} for status, text in {
     400: "invalid input (the model's message) or parameters", 401: "no API key", 403: "unknown or revoked key",
     413: "body over the endpoint's limit", 502: "Triton failed", 503: "Triton unavailable or its queue full",
     504: "Triton timed out"}.items()}
+JOB_ERRORS = {404: {"description": "no such job (or another key's)"},
+              409: {"description": "the job is not finished, or ended without a result"},
+              410: {"description": "the job's files were removed (retention)"}}
 
 
 class DetectOptions(BaseModel):
@@ -51,6 +57,33 @@ class TranscribeOptions(BaseModel):
     @classmethod
     def _listed(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, int, float)) else value
+
+
+class AnalyzeOptions(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+    fps: Optional[float] = Field(None, gt=0, le=60, description="video frames analysed per second (default 1)")
+    scenes: bool = Field(False, description="one frame per scene instead of a fixed rate (not with fps)")
+    language: Optional[str] = Field(None, max_length=32, description="spoken language, e.g. en; detected if unset")
+    temperature: Optional[list[float]] = Field(
+        None, description="Whisper's temperatures (0 alone: greedy, the same every run); repeat for a schedule")
+    filename: Optional[str] = Field(None, max_length=255, description="the file's name with a raw body: its "
+                                                                      "extension tells video, audio and image apart")
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, int, float)) else value
+
+    @model_validator(mode="after")
+    def _one_sampling(self) -> "AnalyzeOptions":
+        if self.fps is not None and self.scenes:
+            raise ValueError("sample frames either at a fixed rate (fps) or per scene, not both")
+        return self
+
+    def pipeline(self) -> AnalysisOptions:
+        """The media pipeline's options (as `trident analyze`: one frame a second unless told otherwise)."""
+        fps = None if self.scenes else (1.0 if self.fps is None else self.fps)
+        return AnalysisOptions(fps=fps, scenes=self.scenes, language=self.language, temperature=self.temperature)
 
 
 def _finite(value: Any) -> Any:
@@ -78,14 +111,18 @@ def create_app(settings: Settings) -> FastAPI:
     settings.check()
     keys = KeyStore(settings.keys_file) if settings.auth else None
     metrics = Metrics()
+    jobs = JobRunner(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # One client, so every request shares one gRPC channel (HTTP/2 streams over one connection).
-        app.state.client = trident.aio.Client(settings.triton, protocol="grpc", timeout=settings.timeout)
+        app.state.client = trident.aio.Client(settings.triton, protocol="grpc", timeout=settings.timeout,
+                                              **settings.client_options())
+        await jobs.start()
         try:
             yield
         finally:
+            await jobs.stop()
             await app.state.client.close()
 
     app = FastAPI(title="Trident REST API", version="0.1.0", lifespan=lifespan,
@@ -94,8 +131,8 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.add_middleware(Observe, metrics=metrics)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     bearer = HTTPBearer(auto_error=False, description="an API key from `python -m trident_gateway keys create`")
 
     def require_key(request: Request,
@@ -147,6 +184,47 @@ def create_app(settings: Settings) -> FastAPI:
         data, _ = await read_upload(request, settings.max_image_bytes)
         lines = await ask(request.app.state.client.read_text(data))
         return answer([line.to_dict() for line in lines])
+
+    def owner(request: Request) -> Optional[str]:
+        """Whose jobs the caller sees: its key's name; None (every job) with auth off."""
+        return getattr(request.state, "key_name", None)
+
+    jobs_v1 = dict(dependencies=[Depends(require_key)], responses=JOB_ERRORS)
+
+    @app.post("/v1/analyze", tags=["jobs"], status_code=202, dependencies=[Depends(require_key)],
+              openapi_extra=UPLOAD_BODY, responses={**ERRORS, 415: {"description": "not a media file by its name"}})
+    async def analyze(request: Request, query: Annotated[AnalyzeOptions, Query()]) -> JSONResponse:
+        """Start an analysis job on a video, audio file or image (as `trident analyze`: transcript, objects and
+        on-screen text). Answers 202 with the job; follow `Location` (`GET /v1/jobs/{id}`)."""
+        job_id, directory = jobs.new_directory()
+        try:
+            upload, fields = await save_upload(request, directory, settings.max_video_bytes, query.filename)
+            options = _merge(AnalyzeOptions, query, fields)
+        except BaseException:
+            await jobs.discard(job_id)
+            raise
+        job = jobs.submit(job_id, owner(request), upload, options.pipeline())
+        return JSONResponse({key: value for key, value in jobs.view(job).items() if key in ("id", "status", "links")},
+                            status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], **jobs_v1)
+    async def job_status(request: Request, job_id: str) -> JSONResponse:
+        """A job: `status` (queued, running, succeeded, failed, cancelled), `progress`, `error`, its times."""
+        return JSONResponse(jobs.view(jobs.owned(job_id, owner(request))))
+
+    @app.get("/v1/jobs/{job_id}/result", tags=["jobs"], response_class=FileResponse, **jobs_v1)
+    async def job_result(request: Request, job_id: str,
+                         format: Annotated[Literal["json", "srt", "vtt", "html"], Query()] = "json") -> Response:
+        """A finished job's result: analysis.json, SRT or WebVTT subtitles, or the HTML report."""
+        path = jobs.result(jobs.owned(job_id, owner(request)), format)
+        # the report's own script may run, but sandboxed: not with the API's origin
+        headers = {"Content-Security-Policy": "sandbox allow-scripts"} if format == "html" else None
+        return FileResponse(path, media_type=FORMATS[format], headers=headers)
+
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], **jobs_v1)
+    async def job_delete(request: Request, job_id: str) -> JSONResponse:
+        """Cancel a queued or running job (it stops within moments) and remove its files; the job stays listed."""
+        return JSONResponse(jobs.view(await jobs.cancel(jobs.owned(job_id, owner(request)))))
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict:

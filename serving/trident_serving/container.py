@@ -11,6 +11,8 @@ environment variables (compose passes `.env`'s values; Kubernetes sets the same 
     RATE_LIMIT_GPU_MEMORY_MIB  65536        the rate limiter's `gpu_memory_mib` pool on each GPU (export plan)
     EXIT_TIMEOUT_SECS          45           how long a stopping Triton waits for in-flight requests
     LOG_VERBOSE                0
+    TRIDENT_ADMIN_KEY          (none)       the model-repository API (index, load, unload) answers only requests
+                                            with the header trident-admin-key: <this>; none: open (a warning)
 
 Unset or empty means the default. Flags given after `trident-serve` are appended (for a flag that takes one
 value, tritonserver keeps the last). `--print` prints the command, one argument per line, and runs nothing.
@@ -23,6 +25,8 @@ import os
 import sys
 from dataclasses import dataclass
 from typing import Mapping
+
+from .server import ADMIN_KEY_ENV, restricted_api_flags
 
 CUDA_SUCCESS = 0
 CUDA_ERROR_NO_DEVICE = 100
@@ -118,7 +122,11 @@ def command(environ: Mapping[str, str], gpus: int, restarts: int = 0, extra: tup
     supervisor = [sys.executable, "-m", "trident_serving.supervisor"]
     if restarts:
         supervisor.append(f"--restarts={restarts}")
-    return [*supervisor, "--", "tritonserver", *tritonserver_flags(settings(environ), gpus), *extra]
+    try:
+        restricted = restricted_api_flags(environ.get(ADMIN_KEY_ENV, "").strip())
+    except ValueError as exc:
+        raise SystemExit(f"trident-serve: {exc}") from None
+    return [*supervisor, "--", "tritonserver", *tritonserver_flags(settings(environ), gpus), *restricted, *extra]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.restarts < 0:
         parser.error(f"--restarts must be 0 or more, got {args.restarts}")
     full = command(os.environ, visible_gpus(), args.restarts, tuple(extra))
+    if not os.environ.get(ADMIN_KEY_ENV, "").strip():
+        print(f"trident-serve: {ADMIN_KEY_ENV} is not set: anyone who reaches Triton's ports may load and unload "
+              "models", file=sys.stderr)
     if args.print:
         print("\n".join(full))
         return 0

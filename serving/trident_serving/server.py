@@ -21,6 +21,46 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The header that Triton's restricted model-repository API (index, load, unload) asks for, and the variable that
+# holds its value. Over gRPC Triton expects it as `triton-grpc-protocol-<header>` (r24.10
+# src/grpc/grpc_server.h kRestrictedProtocolHeaderTemplate); the `trident` client names it alike (trident.calls).
+ADMIN_HEADER = "trident-admin-key"
+ADMIN_KEY_ENV = "TRIDENT_ADMIN_KEY"
+_ADMIN_KEY = re.compile(r"[A-Za-z0-9_.~+/-]+")  # Triton splits the flag at ':' and '=' (ParseGenericConfigOption)
+
+
+def restricted_api_flags(key: str) -> list[str]:
+    """tritonserver flags that make the model-repository API (index, load, unload) over HTTP and gRPC answer only
+    requests carrying ADMIN_HEADER: `key`; none for an empty key (the API open to anyone who reaches the ports)."""
+    if not key:
+        return []
+    if not _ADMIN_KEY.fullmatch(key):
+        raise ValueError(f"{ADMIN_KEY_ENV} may hold letters, digits and _.~+/- only (Triton's flag syntax)")
+    # r24.10 src/command_line_parser.cc: --http-restricted-api / --grpc-restricted-protocol
+    # =<category,...>:<header>=<value>
+    return [f"--http-restricted-api=model-repository:{ADMIN_HEADER}={key}",
+            f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={key}"]
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS of Triton's gRPC endpoint (Triton 2.51 has none for HTTP): PEM files."""
+
+    server_cert: Path
+    server_key: Path
+    # The CA that signs client certificates: needed for `mutual`, where a client without one is refused.
+    root_cert: Path | None = None
+    mutual: bool = False
+
+    def flags(self) -> list[str]:
+        """tritonserver's flags (r24.10 src/command_line_parser.cc: --grpc-use-ssl, --grpc-use-ssl-mutual,
+        --grpc-server-cert, --grpc-server-key, --grpc-root-cert)."""
+        if self.mutual and self.root_cert is None:
+            raise ValueError("mutual TLS needs the root certificate that signs the client certificates")
+        return ["--grpc-use-ssl=true", *(["--grpc-use-ssl-mutual=true"] if self.mutual else []),
+                f"--grpc-server-cert={Path(self.server_cert).resolve()}",
+                f"--grpc-server-key={Path(self.server_key).resolve()}",
+                *([f"--grpc-root-cert={Path(self.root_cert).resolve()}"] if self.root_cert else [])]
 
 
 @dataclass
@@ -49,6 +89,12 @@ class ServerOptions:
     # The ports came from free_port() (on_free_ports): when another process binds one of them before tritonserver
     # does, start() picks new free ports (written back here) and starts again. Fixed ports fail instead.
     pick_new_ports: bool = False
+    # Models loaded at start with model_control "none" (default: every model of the repository).
+    load_models: tuple[str, ...] = ()
+    # Non-empty: the model-repository API (index, load, unload) asks for ADMIN_HEADER with this value (see
+    # restricted_api_flags); the supervisor reads it from tritonserver's command line.
+    admin_key: str = ""
+    grpc_tls: GrpcTls | None = None
 
     @property
     def log_file(self) -> Path:
@@ -217,10 +263,12 @@ def _start_once(options: ServerOptions, backends: Path, keep_log: bool) -> int:
         "--log-verbose=0",
         # "none" runs as explicit mode with every model loaded at start (what "none" serves), so that the
         # supervisor can reload a model whose stub died.
-        *(("--model-control-mode=explicit", "--load-model=*") if options.model_control == "none"
-          else (f"--model-control-mode={options.model_control}",)),
+        *(("--model-control-mode=explicit", *(f"--load-model={m}" for m in options.load_models or ("*",)))
+          if options.model_control == "none" else (f"--model-control-mode={options.model_control}",)),
         f"--rate-limit={options.rate_limit}",
         *(f"--rate-limit-resource={r}" for r in rate_limit_resources(options)),
+        *restricted_api_flags(options.admin_key),
+        *(options.grpc_tls.flags() if options.grpc_tls else ()),
     ]
     if options.supervise:
         command = [sys.executable, "-m", "trident_serving.supervisor", f"--restarts={options.restarts}", "--",
@@ -368,6 +416,30 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def grpc_tls(cert: Path | None, key: Path | None, root: Path | None, mutual: bool) -> GrpcTls | None:
+    """The GrpcTls of the command-line options; None without a certificate (plain-text gRPC)."""
+    if cert is None and key is None:
+        if root or mutual:
+            raise ValueError("--grpc-root-cert and --grpc-mutual-tls need --grpc-server-cert and --grpc-server-key")
+        return None
+    if cert is None or key is None:
+        raise ValueError("give both --grpc-server-cert and --grpc-server-key")
+    tls = GrpcTls(cert, key, root, mutual)
+    tls.flags()  # refuses mutual TLS without a root certificate now, not at start
+    return tls
+
+
+def admin_key(restrict: bool) -> str:
+    """The restricted API's key from the environment when `restrict`, else "" (open)."""
+    if not restrict:
+        return ""
+    key = os.environ.get(ADMIN_KEY_ENV, "")
+    if not key:
+        raise ValueError(f"--restrict-model-repository needs the key in ${ADMIN_KEY_ENV}")
+    restricted_api_flags(key)  # refuses a key Triton's flag syntax cannot carry
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trident_serving.server", description=__doc__)
     parser.add_argument("action", choices=("start", "stop", "status"))
@@ -386,7 +458,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-limit-resource", dest="rate_limit_resources", action="append", default=[],
                         metavar="NAME:COUNT[:DEVICE]",
                         help="a rate-limiter pool (repeatable); default: the repository's gpu_plan.json")
+    parser.add_argument("--restrict-model-repository", action="store_true",
+                        help=f"the model-repository API (index, load, unload) answers only requests with the header "
+                        f"{ADMIN_HEADER}: ${ADMIN_KEY_ENV} (which must be set); default: open, as Triton is")
+    tls = parser.add_argument_group("gRPC TLS (PEM files; Triton 2.51 has no TLS for HTTP)")
+    tls.add_argument("--grpc-server-cert", type=Path, help="server certificate: turns TLS on")
+    tls.add_argument("--grpc-server-key", type=Path, help="its private key")
+    tls.add_argument("--grpc-root-cert", type=Path, help="CA certificate of the client certificates")
+    tls.add_argument("--grpc-mutual-tls", action="store_true", help="refuse clients without a certificate")
     args = vars(parser.parse_args(argv))
+    try:
+        args["grpc_tls"] = grpc_tls(args.pop("grpc_server_cert"), args.pop("grpc_server_key"),
+                                    args.pop("grpc_root_cert"), args.pop("grpc_mutual_tls"))
+        args["admin_key"] = admin_key(args.pop("restrict_model_repository"))
+    except ValueError as exc:
+        parser.error(str(exc))
     args["rate_limit_resources"] = tuple(args["rate_limit_resources"])
     options = ServerOptions(**{k: v for k, v in args.items() if k != "action"})
     if args["action"] == "start":

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .server import remove_stale_shared_memory
+from .server import ADMIN_HEADER, ADMIN_KEY_ENV, remove_stale_shared_memory
 
 log = logging.getLogger("trident.supervisor")
 
@@ -60,6 +60,8 @@ class Stub:
 @dataclass
 class SupervisorOptions:
     url: str = "127.0.0.1:8000"  # tritonserver's HTTP endpoint (the model-control API)
+    # Headers of the model-repository calls (index, load, unload): tritonserver's --http-restricted-api ones.
+    headers: dict[str, str] = field(default_factory=dict)
     interval: float = 1.0  # seconds between two looks at the stub processes
     load_timeout: float = 900.0  # one load of one model (Whisper large on a busy GPU takes minutes)
     # A model whose reload fails this many times in a row (at once, then after each delay; the last delay
@@ -185,11 +187,13 @@ class StubWatch:
 class Triton:
     """The few calls of Triton's HTTP API the supervisor needs (stdlib only: the container has no tritonclient)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, headers: dict[str, str] | None = None):
         self.base = url if url.startswith("http") else f"http://{url}"
+        self.headers = dict(headers or {})  # sent with every call: the health API ignores them
 
     def _call(self, method: str, path: str, timeout: float) -> bytes:
-        request = urllib.request.Request(self.base + path, method=method, data=b"" if method == "POST" else None)
+        request = urllib.request.Request(self.base + path, method=method, data=b"" if method == "POST" else None,
+                                         headers=self.headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read()
 
@@ -215,12 +219,13 @@ class Triton:
         self._call("POST", f"/v2/repository/models/{model}/load", timeout)
 
 
-def check(url: str, timeout: float = 5.0) -> tuple[bool, str]:
+def check(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[bool, str]:
     """Whether the server at `url` can serve every model of its repository: (ok, one line saying why not).
 
-    Its two HTTP calls share `timeout` seconds, so that a probe with a timeout of its own gets an answer."""
+    Its two HTTP calls share `timeout` seconds, so that a probe with a timeout of its own gets an answer.
+    `headers`: those of a restricted model-repository API (default: `admin_headers()`, from the environment)."""
     deadline = time.monotonic() + timeout
-    triton = Triton(url)
+    triton = Triton(url, admin_headers() if headers is None else headers)
     try:
         states = triton.states(timeout)
     except (OSError, ValueError) as exc:
@@ -241,7 +246,7 @@ class Supervisor:
     def __init__(self, server_pid: int, options: SupervisorOptions | None = None):
         self.server_pid = server_pid
         self.options = options or SupervisorOptions()
-        self.triton = Triton(self.options.url)
+        self.triton = Triton(self.options.url, self.options.headers)
         self.watch = StubWatch()
         self.stubs: dict[int, Stub] = {}  # as last seen
         self.recovering: set[str] = set()  # models being reloaded (their stubs come and go)
@@ -311,20 +316,43 @@ def http_url(command: list[str]) -> str:
     return f"127.0.0.1:{_flag(command, '--http-port', '8000')}"
 
 
+def restricted_headers(command: list[str]) -> dict[str, str]:
+    """The header the tritonserver `command` asks for on its model-repository HTTP API
+    (`--http-restricted-api=<category,...>:<header>=<value>`, given once or more), as {header: value}."""
+    headers = {}
+    for value in _flag_values(command, "--http-restricted-api"):
+        categories, _, setting = value.partition(":")
+        header, _, key = setting.partition("=")
+        if "model-repository" in categories.split(",") and key:
+            headers[header] = key
+    return headers
+
+
+def admin_headers(key: str | None = None) -> dict[str, str]:
+    """The restricted model-repository API's header with `key` (default: $TRIDENT_ADMIN_KEY); {} without a key."""
+    key = os.environ.get(ADMIN_KEY_ENV, "") if key is None else key
+    return {ADMIN_HEADER: key} if key else {}
+
+
 def model_control(command: list[str]) -> str:
     """The --model-control-mode of the tritonserver `command` (default none)."""
     return _flag(command, "--model-control-mode", "none")
 
 
 def _flag(command: list[str], name: str, default: str) -> str:
-    """The last value of `name` in `command`, given as `name=value` or `name value` (getopt's two forms)."""
-    value = default
+    """The last value of `name` in `command` (see `_flag_values`), else `default`."""
+    return (_flag_values(command, name) or [default])[-1]
+
+
+def _flag_values(command: list[str], name: str) -> list[str]:
+    """Every value of `name` in `command`, given as `name=value` or `name value` (getopt's two forms)."""
+    values = []
     for i, arg in enumerate(command):
         if arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
+            values.append(arg.split("=", 1)[1])
         elif arg == name and i + 1 < len(command):
-            value = command[i + 1]
-    return value
+            values.append(command[i + 1])
+    return values
 
 
 def run(command: list[str], options: SupervisorOptions) -> int:
@@ -461,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s trident-supervisor %(levelname)s: %(message)s")
     if argv[:1] == ["check"]:
         parser = argparse.ArgumentParser(prog="python -m trident_serving.supervisor check",
-                                         description="Exit 0 if the server is ready and every model is READY.")
+                                         description="Exit 0 if the server is ready and every model is READY. "
+                                         f"A restricted model-repository API: the key in ${ADMIN_KEY_ENV}.")
         parser.add_argument("--url", default="127.0.0.1:8000", help="HTTP address (default 127.0.0.1:8000)")
         parser.add_argument("--timeout", type=float, default=5.0,
                             help="seconds the server's answers may take in all (default 5)")
@@ -493,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[split + 1:]
     if args.reload_attempts < 1:
         parser.error("--reload-attempts must be at least 1")
-    options = SupervisorOptions(url=http_url(command), interval=args.interval, load_timeout=args.load_timeout,
+    options = SupervisorOptions(url=http_url(command), headers=restricted_headers(command), interval=args.interval, load_timeout=args.load_timeout,
                                 reload_attempts=args.reload_attempts, retry_delays=args.retry_delays,
                                 restarts=args.restarts, restart_window=args.restart_window)
     return run(command, options)

@@ -15,6 +15,9 @@ refuses gets its `error` and keeps what was done; the other inputs are still ana
 track gets no transcript and a note; one without a video track is transcribed only. A server that goes away
 (`ServerUnavailableError`) or Ctrl-C ends the run: the input under way keeps its error ("interrupted"), the
 inputs not reached are listed as not analysed, and `analyze` writes what was done before it re-raises.
+
+`analyze_async` is the same run for a caller with an event loop of its own (the REST gateway): it reports its
+`Progress` to a callback, and cancelling the task running it stops the run at once.
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ import asyncio
 import concurrent.futures
 import math
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Awaitable, Iterator, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 from .. import media
 from ..aio import Client
@@ -38,7 +41,31 @@ from .results import Analysis, FileAnalysis, Frame, MediaInfo, Options, Server
 MODELS = ("whisper", "detect", "easyocr")
 IN_FLIGHT = 16
 NOT_REACHED = "not analysed: the run ended before this input"
+STAGES = ("decode", "detect", "easyocr", "whisper")
 Result = TypeVar("Result")
+
+
+@dataclass
+class Progress:
+    """Where a run stands on the input under way: per stage (decode, detect, easyocr: frames; whisper: seconds of
+    audio) what is done and its total, None where not known ahead (frames sampled per scene) or not to be done."""
+
+    path: str
+    done: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    totals: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(STAGES))
+
+    @property
+    def frames_done(self) -> int:
+        """Frames answered by both frame models."""
+        return int(min(self.done["detect"], self.done["easyocr"]))
+
+    @property
+    def fraction(self) -> float | None:
+        """The share of the model work done, 0 to 1: the mean of done/total over the models with a known total;
+        None when none is known."""
+        shares = [min(self.done[s] / total, 1.0) for s in ("detect", "easyocr", "whisper")
+                  if (total := self.totals[s])]
+        return sum(shares) / len(shares) if shares else None
 
 
 class ServerGone(ServerUnavailableError):
@@ -59,46 +86,67 @@ def analyze(paths: Sequence[str | Path], url: str = "localhost", protocol: str |
     Raises `ServerUnavailableError` when the server cannot be reached or is not ready before anything is
     decoded; `ServerGone` (after writing the partial results) when it goes away mid-run; KeyboardInterrupt
     (after writing) on Ctrl-C."""
-    options = options or Options(fps=1.0)
-    if in_flight < 1:
-        raise ValueError(f"in_flight must be at least 1, got {in_flight}")
-    files, not_media = media.expand(paths)
-    analysis = Analysis.begin(Server(url=url, protocol=protocol or ""), options)
-    analysis.inputs = [FileAnalysis(path=str(p), error=why) for p, why in not_media]
-    start = time.perf_counter()
+    analysis, files = _begin(paths, url, protocol, options, in_flight)
     try:
         asyncio.run(_run(analysis, files, url, protocol, timeout, in_flight, progress))
     except (ServerUnavailableError, KeyboardInterrupt) as exc:
-        analysis.wall_seconds = time.perf_counter() - start
         if analysis.server.models:  # it answered once: what was done is worth writing
             if out is not None:
                 output.write(analysis, out)
             if isinstance(exc, ServerUnavailableError):
                 raise ServerGone(str(exc), analysis) from exc
         raise
-    analysis.wall_seconds = time.perf_counter() - start
     if out is not None:
         output.write(analysis, out)
     return analysis
 
 
+async def analyze_async(paths: Sequence[str | Path], client: Client, options: Options | None = None,
+                        in_flight: int = IN_FLIGHT, on_progress: Callable[[Progress], None] | None = None) -> Analysis:
+    """`analyze` inside a running event loop, through `client` (left open), writing nothing: `on_progress` (if
+    given) gets the `Progress` of the input under way after each frame and transcript. Cancelling the task that
+    awaits it cancels the requests out and closes the decoder, then raises CancelledError; the other errors are
+    those of `analyze`, raised without the partial results."""
+    analysis, files = _begin(paths, client.url, client.protocol, options, in_flight)
+    await _run_with(client, analysis, files, in_flight, False, on_progress)
+    return analysis
+
+
+def _begin(paths: Sequence[str | Path], url: str, protocol: str | None, options: Options | None,
+           in_flight: int) -> tuple[Analysis, list[Path]]:
+    """A new analysis listing the paths that are no media files, and the media files to analyse."""
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be at least 1, got {in_flight}")
+    files, not_media = media.expand(paths)
+    analysis = Analysis.begin(Server(url=url, protocol=protocol or ""), options or Options(fps=1.0))
+    analysis.inputs = [FileAnalysis(path=str(p), error=why) for p, why in not_media]
+    return analysis, files
+
+
 async def _run(analysis: Analysis, files: list[Path], url: str, protocol: str | None, timeout: float,
                in_flight: int, progress: bool) -> None:
     async with Client(url, protocol=protocol, timeout=timeout) as client:
-        analysis.server = await _server(client)
-        bars = _Bars(progress)
-        try:
-            for n, path in enumerate(files):
-                result = FileAnalysis(path=str(path))
-                analysis.inputs.append(result)
-                try:
-                    await _analyze_file(client, path, analysis.options, result, in_flight, bars)
-                except (ServerUnavailableError, asyncio.CancelledError) as exc:
-                    result.error = f"interrupted: {exc}" if isinstance(exc, TridentError) else "interrupted"
-                    analysis.inputs += [FileAnalysis(path=str(p), error=NOT_REACHED) for p in files[n + 1:]]
-                    raise
-        finally:
-            bars.close()
+        await _run_with(client, analysis, files, in_flight, progress)
+
+
+async def _run_with(client: Client, analysis: Analysis, files: list[Path], in_flight: int, progress: bool,
+                    listener: Callable[[Progress], None] | None = None) -> None:
+    start = time.perf_counter()
+    analysis.server = await _server(client)
+    bars = _Bars(progress, listener)
+    try:
+        for n, path in enumerate(files):
+            result = FileAnalysis(path=str(path))
+            analysis.inputs.append(result)
+            try:
+                await _analyze_file(client, path, analysis.options, result, in_flight, bars)
+            except (ServerUnavailableError, asyncio.CancelledError) as exc:
+                result.error = f"interrupted: {exc}" if isinstance(exc, TridentError) else "interrupted"
+                analysis.inputs += [FileAnalysis(path=str(p), error=NOT_REACHED) for p in files[n + 1:]]
+                raise
+    finally:
+        bars.close()
+        analysis.wall_seconds = time.perf_counter() - start
 
 
 async def _server(client: Client) -> Server:
@@ -247,9 +295,12 @@ def _media_info(info: media.MediaInfo) -> MediaInfo:
 
 class _Bars:
     """One progress bar per stage on stderr (tqdm; none when `shown` is false or stderr is not a terminal):
-    frames decoded, frames answered by detect and by easyocr, seconds of audio transcribed."""
+    frames decoded, frames answered by detect and by easyocr, seconds of audio transcribed; and the same as a
+    `Progress` to `listener`, if given."""
 
-    def __init__(self, shown: bool):
+    def __init__(self, shown: bool, listener: Callable[[Progress], None] | None = None):
+        self.listener = listener
+        self.progress = Progress(path="")
         self.bars: dict[str, Any] = {}
         if shown:
             from tqdm import tqdm
@@ -266,10 +317,19 @@ class _Bars:
         for stage, bar in self.bars.items():
             bar.reset(total=round(info.duration or 0, 1) if stage == "whisper" else frames)
             bar.set_postfix_str(path.name, refresh=False)
+        self.progress = Progress(path=str(path), totals={**dict.fromkeys(STAGES, frames if info.has_video else None),
+                                                         "whisper": info.duration if info.has_audio else None})
+        self._tell()
 
     def done(self, stage: str, amount: float = 1) -> None:
         if stage in self.bars:
             self.bars[stage].update(amount)
+        self.progress.done[stage] += amount
+        self._tell()
+
+    def _tell(self) -> None:
+        if self.listener is not None:
+            self.listener(self.progress)
 
     def close(self) -> None:
         for bar in self.bars.values():
