@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -344,6 +346,28 @@ def test_docs_list_the_endpoints(gateway):
     names = {p["name"] for p in spec["paths"]["/v1/transcribe"]["post"]["parameters"]}
     assert names == {"language", "task", "temperature", "word_timestamps"}
     assert {"/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+
+
+CHROMIUM = shutil.which("chromium")
+ENDPOINTS = {"/v1/detect", "/v1/transcribe", "/v1/ocr", "/v1/analyze", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result",
+             "/healthz", "/readyz", "/metrics"}
+
+
+def test_docs_render_offline_in_chromium(down, tmp_path):
+    """/docs in headless Chromium (Debian's package) that can resolve no host but the gateway's: Swagger UI, served
+    by the gateway itself, lists every endpoint. The screenshot goes to TRIDENT_DOCS_PNG when set (the README's
+    docs/gateway-docs.png)."""
+    assert CHROMIUM, "Debian's chromium package is needed (apt-get install chromium)"
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               "--virtual-time-budget=10000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+               "--window-size=1280,1020"]
+    dom = subprocess.run([*browser, "--dump-dom", f"{down.url}/docs"], capture_output=True, text=True, timeout=120)
+    assert set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom.stdout)) == ENDPOINTS, \
+        dom.stderr[-2000:]
+    png = Path(os.environ.get("TRIDENT_DOCS_PNG") or tmp_path / "docs.png")
+    subprocess.run([*browser, f"--screenshot={png}", f"{down.url}/docs"], capture_output=True, timeout=120,
+                   check=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000  # drawn, not blank
 
 
 # -- fuzz --------------------------------------------------------------------------------------------------------

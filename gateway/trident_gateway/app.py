@@ -7,10 +7,13 @@ from typing import Annotated, Any, Awaitable, Literal, Optional, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from swagger_ui_bundle import swagger_ui_path
 
 import trident.aio
 from trident.analyze.results import Options as AnalysisOptions
@@ -26,6 +29,7 @@ from .spool import save_upload
 from .uploads import read_upload
 
 Options = TypeVar("Options", bound=BaseModel)
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's files
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
@@ -125,10 +129,20 @@ def create_app(settings: Settings) -> FastAPI:
             await jobs.stop()
             await app.state.client.close()
 
-    app = FastAPI(title="Trident REST API", version="0.1.0", lifespan=lifespan,
+    # docs_url/redoc_url None: FastAPI's own pages load Swagger UI from a CDN; /docs below serves it from the
+    # pinned swagger-ui-bundle-v2 package instead, so the docs work where the gateway runs offline.
+    app = FastAPI(title="Trident REST API", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Object detection (YOLOv8), speech recognition (Whisper) and OCR (EasyOCR) served "
                               "by Triton. Send a file as multipart field `file` or as the raw body.")
     errors.install(app)
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - docs",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
     app.add_middleware(Observe, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
