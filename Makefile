@@ -37,8 +37,9 @@ $(VENV)/.installed: requirements.txt serving/pyproject.toml client/pyproject.tom
 #               the test video's encoder (tests/data/make_media.py) and the subtitles' reader (test_analyze_output)
 #   espeak-ng   the test video's speech (tests/data/make_media.py)
 #   fonts-dejavu-core  the test video's on-screen text (ffmpeg drawtext)
-#   chromium    headless render of report.html (tests/test_analyze_output.py)
-SYSTEM_PACKAGES := libb64-0d fonts-nanum prometheus nginx-light ffmpeg espeak-ng fonts-dejavu-core chromium
+#   chromium    headless render of report.html (tests/test_analyze_output.py) and of the gateway's /docs
+#   wrk         the HTTP load generator of the gateway benchmark (perf/gateway.py)
+SYSTEM_PACKAGES := libb64-0d fonts-nanum prometheus nginx-light ffmpeg espeak-ng fonts-dejavu-core chromium wrk
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

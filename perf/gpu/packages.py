@@ -108,6 +108,8 @@ NOT_NEEDED: dict[str, str] = {
     "ultralytics-platform": "ultralytics: its Platform API only (imported on first attribute access)",
     "opencv-python": "ultralytics: the machine's opencv-python-headless provides cv2",
     "ninja": "easyocr: declared for building its optional CUDA kernels; never imported",
+    "ctranslate2": "whisper's ctranslate2 engine only (imported inside its functions): the device run serves the "
+                   "openai engine; the cp312 wheel (41 MiB) does not fit beside the base carry in one call",
 }
 # Extras of carried distributions that the stages use (their requirements count as declared)
 EXTRAS = {"tritonclient": ("grpc",)}
