@@ -139,7 +139,7 @@ trident_easyocr_batch_text_crops_count{{model="easyocr",version="1"}} {batches}
 trident_easyocr_batch_text_crops_sum{{model="easyocr",version="1"}} {crops}
 trident_easyocr_batch_text_crops_bucket{{model="easyocr",version="1",le="+Inf"}} {batches}
 # TYPE trident_whisper_engine_info gauge
-trident_whisper_engine_info{{compute_type="int8_float32",engine="ctranslate2",model="easyocr",version="1"}} 2
+trident_whisper_engine_info{{compute_type="int8_float32",engine="ctranslate2",model="easyocr",version="1"}} 1
 # TYPE nv_gpu_memory_used_bytes gauge
 nv_gpu_memory_used_bytes{{gpu_uuid="GPU-0"}} 2147483648
 # TYPE nv_gpu_memory_total_bytes gauge
@@ -153,7 +153,7 @@ nv_gpu_memory_total_bytes{{gpu_uuid="GPU-0"}} 85899345920
     assert m.avg_batch == 4.0 and m.queue_ms == 2.0 and m.compute_ms == 10.0 and m.p99_ms == 250.0
     assert m.failures_by_reason == {"answered INVALID_ARG": 1.0} and m.failures_per_s == 1.0
     assert m.extra == {"trident_easyocr_batch_text_crops (average)": 12.0,  # and a gauge by its own labels:
-                       "trident_whisper_engine_info{compute_type=int8_float32,engine=ctranslate2}": 2.0}
+                       "trident_whisper_engine_info{compute_type=int8_float32,engine=ctranslate2}": 1.0}
     assert report.gpus[0].memory_used_bytes == 2 * 2**30
     text = trident_stats.render(report)
     assert "over the last 2.0 s" in text and "memory 2.0 / 80.0 GiB" in text

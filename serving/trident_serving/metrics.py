@@ -64,7 +64,7 @@ WHISPER_AUDIO = Spec(
     "Audio seconds of successfully finished transcriptions.")
 WHISPER_ENGINE = Spec(
     "trident_whisper_engine_info", GAUGE,
-    "Whisper instances by the engine that runs them (openai or ctranslate2) and its compute type.",
+    "1 for the engine whisper is served with (openai or ctranslate2) and its compute type.",
     labels=("engine", "compute_type"))
 WHISPER: tuple[Spec, ...] = (WHISPER_ACTIVE, WHISPER_QUEUED_AUDIO, WHISPER_STEP_WINDOWS, WHISPER_FALLBACKS,
                              WHISPER_AUDIO, WHISPER_ENGINE)
@@ -126,6 +126,11 @@ class ModelMetrics:
         if delta > 0:
             self.inc(spec, delta)
             self._shares[spec.name] = float(total)
+
+    def mark(self, spec: Spec, **labels: str) -> None:
+        """Set an info gauge's series to 1, whatever it held: Triton keeps a model's metric series across reloads
+        (even a killed stub's), so a gauge moved by differences would count every load."""
+        self._metric(spec, **labels).set(1.0)
 
     def set(self, spec: Spec, value: float) -> None:
         """Set this instance's share of a gauge (by difference, so instances' shares add up)."""

@@ -47,7 +47,9 @@ class TritonPythonModel:
         triton.memory_checkpoint("loaded")
         scheduler = scheduler_for(model, max_windows=options.max_windows_per_step)
         compute_type = model.compute_type if engine == "ctranslate2" else "float16" if device != "cpu" else "float32"
-        self.metrics.inc(metrics.WHISPER_ENGINE, engine=engine, compute_type=compute_type)  # `trident stats` shows it
+        # `trident stats` shows it. Never reset in finalize: a reload starts the new instances before it
+        # finalizes the old ones, which share the series.
+        self.metrics.mark(metrics.WHISPER_ENGINE, engine=engine, compute_type=compute_type)
         self.transcriber = Transcriber(scheduler, self.respond, options.max_queued_audio_seconds, on_dead=end_stub,
                                        on_step=lambda: metrics.publish_whisper_step(self.metrics, scheduler.stats),
                                        on_admit=lambda: metrics.publish_whisper_queue(self.metrics, scheduler.stats))
