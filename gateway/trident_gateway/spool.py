@@ -10,14 +10,12 @@ from typing import AsyncIterator
 
 from fastapi import Request
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
 
 from trident import media
 
 from .errors import ApiError
-from .uploads import _too_large
+from .uploads import Fields, check_length, form_fields, limited
 
-Fields = dict[str, "str | list[str]"]
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -36,15 +34,6 @@ def media_name(name: str | None, content_type: str = "") -> str:
     return safe
 
 
-def check_length(request: Request, limit: int) -> None:
-    """Refuse a body whose Content-Length is over `limit` (413) before any of it is read."""
-    length = request.headers.get("content-length")
-    if length is not None and not length.isdigit():
-        raise ApiError(400, "bad_request", f"invalid Content-Length {length!r}")
-    if length is not None and int(length) > limit:
-        raise _too_large(limit)
-
-
 async def save_upload(request: Request, directory: Path, limit: int, filename: str | None) -> tuple[Path, Fields]:
     """The uploaded file, written into `directory`, and the form's other fields (none for a raw body, named by
     `filename` or its Content-Type). 413 as soon as the body passes `limit`; the caller removes `directory` on any
@@ -56,7 +45,7 @@ async def save_upload(request: Request, directory: Path, limit: int, filename: s
     else:
         path, fields = directory / media_name(filename, content_type), {}
         with path.open("wb") as file:
-            async for chunk in _limited(request, limit):
+            async for chunk in limited(request, limit):
                 await asyncio.to_thread(file.write, chunk)
     if path.stat().st_size == 0:
         raise ApiError(400, "empty_body", "the upload is empty: send the file as the body or as multipart field "
@@ -64,21 +53,8 @@ async def save_upload(request: Request, directory: Path, limit: int, filename: s
     return path, fields
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The body's chunks, refused (413) once more than `limit` bytes came (chunked uploads carry no length)."""
-    read = 0
-    try:
-        async for chunk in request.stream():
-            read += len(chunk)
-            if read > limit:
-                raise _too_large(limit)
-            yield chunk
-    except ClientDisconnect:
-        raise ApiError(400, "bad_request", "the client closed the connection before the end of the body") from None
-
-
 async def _save_multipart(request: Request, directory: Path, limit: int) -> tuple[Path, Fields]:
-    parser = _ToDisk(request.headers, _limited(request, limit), directory)
+    parser = _ToDisk(request.headers, limited(request, limit), directory)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
@@ -86,12 +62,7 @@ async def _save_multipart(request: Request, directory: Path, limit: int) -> tupl
     try:
         if parser.saved is None:
             raise ApiError(400, "bad_request", "the multipart body has no file field 'file'")
-        fields: Fields = {}
-        for name in form.keys():
-            values = [v for v in form.getlist(name) if isinstance(v, str)]
-            if values:
-                fields[name] = values[0] if len(values) == 1 else values
-        return parser.saved, fields
+        return parser.saved, form_fields(form)
     finally:
         await form.close()
 

@@ -1,39 +1,66 @@
 """Request bodies: a multipart upload (field `file`) or the raw body, read with a size limit."""
 from __future__ import annotations
 
+from typing import AsyncIterator
+
 from fastapi import Request
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .errors import ApiError
 
 
+Fields = dict[str, "str | list[str]"]
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"the request body is over this endpoint's limit of {limit} bytes")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 from its Content-Length before reading, or as soon as the bytes read
-    pass `limit` (chunked uploads carry no length)."""
+def check_length(request: Request, limit: int) -> None:
+    """Refuse a body whose Content-Length is over `limit` (413) before any of it is read."""
     length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise ApiError(400, "bad_request", f"invalid Content-Length {length!r}")
-        if int(length) > limit:
-            raise _too_large(limit)
-    body = bytearray()
+    if length is not None and not length.isdigit():
+        raise ApiError(400, "bad_request", f"invalid Content-Length {length!r}")
+    if length is not None and int(length) > limit:
+        raise _too_large(limit)
+
+
+async def limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks, refused (413) once more than `limit` bytes came (chunked uploads carry no length)."""
+    read = 0
     try:
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
+            read += len(chunk)
+            if read > limit:
                 raise _too_large(limit)
+            yield chunk
     except ClientDisconnect:
         raise ApiError(400, "bad_request", "the client closed the connection before the end of the body") from None
+
+
+def form_fields(form: FormData) -> Fields:
+    """A multipart form's text fields (a name given several times: a list), its files left out."""
+    fields: Fields = {}
+    for name in form.keys():
+        values = [v for v in form.getlist(name) if isinstance(v, str)]
+        if values:
+            fields[name] = values[0] if len(values) == 1 else values
+    return fields
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 from its Content-Length before reading, or as soon as the bytes read
+    pass `limit`."""
+    check_length(request, limit)
+    body = bytearray()
+    async for chunk in limited(request, limit):
+        body += chunk
     return bytes(body)
 
 
-async def read_upload(request: Request, limit: int) -> tuple[bytes, dict[str, str | list[str]]]:
+async def read_upload(request: Request, limit: int) -> tuple[bytes, Fields]:
     """The uploaded file's bytes and the form's other fields (a multipart body), or the raw body and no fields."""
     body = await read_body(request, limit)
     if not body:
@@ -56,11 +83,6 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, dict[str, st
         data = await upload.read()
         if not data:
             raise ApiError(400, "empty_body", "the uploaded file 'file' is empty")
-        fields: dict[str, str | list[str]] = {}
-        for name in form.keys():
-            values = [v for v in form.getlist(name) if isinstance(v, str)]
-            if values:
-                fields[name] = values[0] if len(values) == 1 else values
-        return data, fields
+        return data, form_fields(form)
     finally:
         await form.close()
