@@ -98,6 +98,7 @@ class Report:
     offered_rate: float = 0.0  # req/s perf_analyzer offered (open loop)
     offered_requests: int = 0  # requests it sent at that rate
     perf_analyzer_throughput: float = 0.0  # infer/s it measured
+    perf_analyzer_hung_runs: int = 0  # runs stopped and repeated because perf_analyzer's own client hung
     client_side_per_replica: dict[str, int] = field(default_factory=dict)  # trident client, round_robin
     client_side_sequential_per_replica: dict[str, int] = field(default_factory=dict)  # one channel, in turn
     http_per_replica: dict[str, int] = field(default_factory=dict)  # trident client over HTTP through nginx
@@ -177,12 +178,15 @@ class Replica:
         with httpclient.InferenceServerClient(f"127.0.0.1:{self.options.http_port}", network_timeout=600) as client:
             client.load_model(model, headers=admin_headers("http"))
 
-    def successes(self, model: str = MODEL) -> int:
-        """`nv_inference_request_success` of `model` from this replica's own metrics endpoint."""
+    def counter(self, name: str, model: str = MODEL) -> int:
+        """Triton's metric `name` of `model` from this replica's own metrics endpoint (0 before the first)."""
         url = f"http://127.0.0.1:{self.options.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-        match = re.search(rf'^nv_inference_request_success{{model="{model}"[^}}]*}} (\S+)$', text, re.M)
+        match = re.search(rf'^{name}{{model="{model}"[^}}]*}} (\S+)$', text, re.M)
         return int(float(match.group(1))) if match else 0
+
+    def successes(self, model: str = MODEL) -> int:
+        return self.counter("nv_inference_request_success", model)
 
 
 NGINX_CONF = """\
@@ -340,20 +344,49 @@ def hpa_targets() -> dict[str, float]:
 BESIDE_THE_PODS = ["nice", "-n", "19"]
 
 
-def run_perf_analyzer(grpc_port: int, rate: float, requests: int) -> float:
+def run_perf_analyzer(grpc_port: int, rate: float, requests: int, replicas: list[Replica], timeout: float,
+                      log=print) -> tuple[float, int]:
     """perf_analyzer over gRPC through the proxy: `requests` requests arriving at `rate` per second, whether or
-    not earlier ones have finished (open loop, as independent users send them); returns its throughput."""
+    not earlier ones have finished (open loop, as independent users send them); returns its throughput and how
+    many runs hung.
+
+    perf_analyzer sets no deadline on its requests. In one fresh-clone CI run one of its four worker threads got
+    none of its 81 answers: three quarters were answered by 05:07:46, then nothing for 5 minutes, no request
+    pending at either replica and no failed one at nginx. A run that outlives `timeout` is stopped; if the
+    replicas hold none of its requests (the hang is the load tool's own), it is run once more; otherwise, or
+    on a second hang, this raises with what each side had."""
     command = [*BESIDE_THE_PODS, str(analyzer.binary()), "-m", MODEL, "-i", "grpc", "-u", f"127.0.0.1:{grpc_port}",
                "--shape", "images:3,640,640",  # yolov8 takes any multiple of 32 (rect letterbox): the largest
                "--request-rate-range", f"{rate:.2f}:{rate:.2f}", "--request-count", str(requests),
                # Asynchronous: in its default synchronous mode each of its 4 threads waits for its answer, which
                # caps the requests outstanding at 4 and turns the open loop into a closed one.
                "--async"]
-    result = subprocess.run(command, capture_output=True, text=True, env=analyzer.environment(), timeout=300)
+    hung = 0
+    while True:
+        before = settled_successes(replicas)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, env=analyzer.environment(),
+                                    timeout=timeout)
+            break
+        except subprocess.TimeoutExpired as stopped:
+            def pending() -> list[int]:
+                return [r.counter("nv_inference_pending_request_count") for r in replicas]
+            try:  # what the replicas had received when it was stopped still runs: let it finish
+                wait_for(lambda: not any(pending()), 30, "the replicas' pending requests")
+            except TimeoutError:
+                pass
+            answered = sum(settled_successes(replicas)) - sum(before)
+            left = pending()
+            what = (f"perf_analyzer hung: {answered} of {requests} requests answered in {timeout:.0f} s, "
+                    f"pending at the replicas {left}; its output: {(stopped.stdout or b'')[-500:]!r}")
+            if any(left) or hung:
+                raise RuntimeError(what) from None
+            hung += 1
+            log(f"{what}; running it once more")
     if result.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr}")
     match = re.search(r"Throughput: ([\d.]+) infer/sec", result.stdout)
-    return float(match.group(1)) if match else 0.0
+    return (float(match.group(1)) if match else 0.0), hung
 
 
 @dataclass
@@ -598,8 +631,10 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         # The watcher goes on until the metric has fallen back: a request's queue time reaches the counters when
         # it finishes, and Prometheus a scrape later, so the rates peak as the backlog's last requests finish.
         with QueryWatcher(prometheus, queries) as watcher:
-            report.perf_analyzer_throughput = run_perf_analyzer(grpc_port, report.offered_rate,
-                                                                report.offered_requests)
+            # A generous bound: the replicas answer the requests in offered_requests / capacity seconds.
+            timeout = max(60.0, 6 * report.offered_requests / capacity)
+            report.perf_analyzer_throughput, report.perf_analyzer_hung_runs = run_perf_analyzer(
+                grpc_port, report.offered_rate, report.offered_requests, replicas, timeout, log)
             after = settled_successes(replicas)
             # 3. idle: every request has been answered; the metric falls back below the target, beyond the
             #    HPA's tolerance (where a scale-down becomes possible).
