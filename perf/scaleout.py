@@ -157,8 +157,11 @@ class Process:
 class Replica:
     name: str  # the pod name Prometheus labels its series with
     options: server.ServerOptions
+    cores: set[int] | None = None  # the CPU cores its server and stubs run on (None: any)
 
     def start(self) -> None:
+        if self.cores:  # the calling thread's affinity, which the server and the stubs it starts inherit
+            os.sched_setaffinity(0, self.cores)
         server.start(self.options)
 
     def kill(self) -> None:
@@ -262,8 +265,9 @@ def nginx_log(work: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def start_nginx(replicas: list[Replica], work: Path) -> tuple[Process, int, int]:
-    """nginx balancing gRPC (per request) and HTTP over the replicas; returns (process, grpc_port, http_port)."""
+def start_nginx(replicas: list[Replica], work: Path, beside: list[str]) -> tuple[Process, int, int]:
+    """nginx balancing gRPC (per request) and HTTP over the replicas, its command prefixed by `beside`
+    (`beside_the_pods`); returns (process, grpc_port, http_port)."""
     directory = work / "nginx"
     (directory / "tmp").mkdir(parents=True, exist_ok=True)
     grpc_port, http_port = server.free_port(), server.free_port()
@@ -274,7 +278,7 @@ def start_nginx(replicas: list[Replica], work: Path) -> tuple[Process, int, int]
                              http_servers="\n".join(line.format(r.options.http_port) for r in replicas))
     (directory / "nginx.conf").write_text(conf)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    process = Process([*BESIDE_THE_PODS, nginx, "-p", str(directory), "-e", str(directory / "error.log"), "-c",
+    process = Process([*beside, nginx, "-p", str(directory), "-e", str(directory / "error.log"), "-c",
                        str(directory / "nginx.conf"), "-g", "daemon off;"], directory / "stdout.log")
     wait_for(lambda: (process.check_alive("nginx"), port_open(grpc_port))[1], 20, "nginx")
     return process, grpc_port, http_port
@@ -338,14 +342,24 @@ def hpa_targets() -> dict[str, float]:
 
 # -- load ----------------------------------------------------------------------------------------------------
 
-# In a cluster the load generator and the proxy run beside the pods, not on their cores. Here they share two cores
-# with the replicas, so they run at the lowest priority: a Python stub that waits over a second for a core misses
-# Triton's health check ("Stub process ... is not healthy") and Triton 2.51 crashed once on that (a CI run at 5x).
-BESIDE_THE_PODS = ["nice", "-n", "19"]
+def core_split() -> tuple[set[int] | None, set[int] | None]:
+    """(the replicas' cores, the load generator's and proxy's): in a cluster the load comes from beside the pods,
+    not from their cores. Here the last core this process may use is perf_analyzer's and nginx's, the others the
+    replicas'. Sharing every core, perf_analyzer either starved a Python stub past Triton's 1 s health check ("Stub
+    process ... is not healthy", then Triton 2.51 crashed: a CI run at 5x) or, at nice 19, could not send faster
+    than the replicas answered, so no queue built up (a CI run: peak 1.7 against the HPA's target of 4).
+    (None, None) on a single core."""
+    cores = sorted(os.sched_getaffinity(0))
+    return (set(cores[:-1]), {cores[-1]}) if len(cores) > 1 else (None, None)
+
+
+def beside_the_pods(cores: set[int] | None) -> list[str]:
+    """The command prefix that runs a program on `cores` (none: anywhere)."""
+    return ["taskset", "--cpu-list", ",".join(map(str, sorted(cores)))] if cores else []
 
 
 def run_perf_analyzer(grpc_port: int, rate: float, requests: int, replicas: list[Replica], timeout: float,
-                      log=print) -> tuple[float, int]:
+                      beside: list[str], log=print) -> tuple[float, int]:
     """perf_analyzer over gRPC through the proxy: `requests` requests arriving at `rate` per second, whether or
     not earlier ones have finished (open loop, as independent users send them); returns its throughput and how
     many runs hung.
@@ -354,8 +368,8 @@ def run_perf_analyzer(grpc_port: int, rate: float, requests: int, replicas: list
     none of its 81 answers: three quarters were answered by 05:07:46, then nothing for 5 minutes, no request
     pending at either replica and no failed one at nginx. A run that outlives `timeout` is stopped; if the
     replicas hold none of its requests (the hang is the load tool's own), it is run once more; otherwise, or
-    on a second hang, this raises with what each side had."""
-    command = [*BESIDE_THE_PODS, str(analyzer.binary()), "-m", MODEL, "-i", "grpc", "-u", f"127.0.0.1:{grpc_port}",
+    on a second hang, this raises with what each side had. `beside` prefixes its command (`beside_the_pods`)."""
+    command = [*beside, str(analyzer.binary()), "-m", MODEL, "-i", "grpc", "-u", f"127.0.0.1:{grpc_port}",
                "--shape", "images:3,640,640",  # yolov8 takes any multiple of 32 (rect letterbox): the largest
                "--request-rate-range", f"{rate:.2f}:{rate:.2f}", "--request-count", str(requests),
                # Asynchronous: in its default synchronous mode each of its 4 threads waits for its answer, which
@@ -521,8 +535,11 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         source = options.repository or export_repository(work / "export")
         # yolov8 at start; whisper, which only has to publish its metrics, loads during the sequential checks.
         repository = served_models(source, work / "repository", (MODEL,))
+        pods, load_cores = core_split()
+        beside = beside_the_pods(load_cores)
         replicas = [Replica(f"trident-sim-{i}", server.on_free_ports(
-            repository=repository, run_dir=work / f"replica-{i}", ready_timeout=180)) for i in range(options.replicas)]
+            repository=repository, run_dir=work / f"replica-{i}", ready_timeout=180), cores=pods)
+            for i in range(options.replicas)]
         for replica in replicas:
             stack.callback(replica.stop)
         # Start everything together: a replica's start is mostly waiting on its stubs, and nginx and Prometheus
@@ -530,7 +547,7 @@ def run(options: ScaleOutOptions, log=print) -> Report:
         errors: list[BaseException] = []
         parts: dict[str, object] = {}
         starts = [*(r.start for r in replicas),
-                  lambda: parts.update(nginx=start_nginx(replicas, work)),
+                  lambda: parts.update(nginx=start_nginx(replicas, work, beside)),
                   lambda: parts.update(prometheus=start_prometheus(replicas, work, options.scrape_interval))]
         starters = [threading.Thread(target=_collect, args=(errors, start)) for start in starts]
         for thread in starters:
@@ -545,7 +562,8 @@ def run(options: ScaleOutOptions, log=print) -> Report:
             raise errors[0]
         (nginx, grpc_port, http_port), prometheus = parts["nginx"], parts["prometheus"]
         log(f"{len(replicas)} replicas ready: gRPC ports {[r.options.grpc_port for r in replicas]}; nginx gRPC "
-            f":{grpc_port} HTTP :{http_port}, Prometheus :{prometheus.port}")
+            f":{grpc_port} HTTP :{http_port}, Prometheus :{prometheus.port}; cores: replicas {sorted(pods or [])}, "
+            f"perf_analyzer and nginx {sorted(load_cores or [])}")
         wait_for_scrape(prometheus, replicas, 'nv_inference_queue_duration_us{model="%s"}' % MODEL)
         served_models(source, repository, SERVED[1:])
         # On the first replica only (the one that survives phase 4): one more torch-importing stub per replica
@@ -634,7 +652,7 @@ def run(options: ScaleOutOptions, log=print) -> Report:
             # A generous bound: the replicas answer the requests in offered_requests / capacity seconds.
             timeout = max(60.0, 6 * report.offered_requests / capacity)
             report.perf_analyzer_throughput, report.perf_analyzer_hung_runs = run_perf_analyzer(
-                grpc_port, report.offered_rate, report.offered_requests, replicas, timeout, log)
+                grpc_port, report.offered_rate, report.offered_requests, replicas, timeout, beside, log)
             after = settled_successes(replicas)
             # 3. idle: every request has been answered; the metric falls back below the target, beyond the
             #    HPA's tolerance (where a scale-down becomes possible).

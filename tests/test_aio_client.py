@@ -285,24 +285,38 @@ async def batches_since(triton, model: str, start: Counter, requests: int) -> Co
 @pytest.mark.yolo
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_many_keeps_at_most_concurrency_requests_in_flight(triton, protocol):
-    """detect's dynamic batcher puts every request waiting in its queue into the next batch (max_batch_size 64,
-    no delay), so a batch never holds more requests than the server had at once, and every batch size the
-    server ran is recorded. With concurrency=3: no batch above 3, and some of 2 or 3 (the requests did overlap).
-    The same images at concurrency=12 form bigger batches: the measure sees requests beyond the bound."""
+    """detect_many runs exactly `concurrency` real calls at once (counted around the client's own `detect`, which
+    it calls for each image), and the server never sees more: detect's dynamic batcher puts every request
+    waiting in its queue into the next batch (max_batch_size 64, no delay), so no batch holds more than 3. Whether
+    two of the three wait together depends on timing (detect runs two instances: a CI run saw only batches of
+    1), so overlap is shown by the count, not by the batches. With concurrency=12 the same images form bigger
+    batches: the server-side measure does see requests beyond the bound."""
     images = [ASSETS / "bus.jpg", ASSETS / "zidane.jpg"] * 6
 
     async def use(client):
-        start = batch_sizes(triton, "detect")
-        await client.detect_many(images, concurrency=3)
-        bounded = await batches_since(triton, "detect", start, len(images))
-        middle = start + bounded
-        await client.detect_many(images, concurrency=len(images))
-        return bounded, await batches_since(triton, "detect", middle, len(images))
+        detect, in_flight, peaks = client.detect, [0], []
 
-    bounded, unbounded = with_client(triton, protocol, use)
+        async def counted(*args, **kwargs):
+            in_flight[0] += 1
+            peaks[-1] = max(peaks[-1], in_flight[0])
+            try:
+                return await detect(*args, **kwargs)
+            finally:
+                in_flight[0] -= 1
+
+        client.detect = counted
+        batches = []
+        for concurrency in (3, len(images)):
+            start = batch_sizes(triton, "detect")
+            peaks.append(0)
+            await client.detect_many(images, concurrency=concurrency)
+            batches.append(await batches_since(triton, "detect", start, len(images)))
+        return peaks, batches
+
+    (bounded_peak, unbounded_peak), (bounded, unbounded) = with_client(triton, protocol, use)
+    assert (bounded_peak, unbounded_peak) == (3, len(images))
     assert sum(size * count for size, count in bounded.items()) == len(images), bounded
     assert max(bounded) <= 3, f"batch sizes {dict(bounded)}: more than 3 requests were in flight"
-    assert max(bounded) >= 2, f"batch sizes {dict(bounded)}: the requests never overlapped"
     assert sum(size * count for size, count in unbounded.items()) == len(images), unbounded
     assert max(unbounded) > 3, f"batch sizes {dict(unbounded)}: the measure cannot see concurrency"
 
