@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import re
 import shutil
 from pathlib import Path
 
@@ -44,8 +43,6 @@ ENGINES = ("openai", "ctranslate2")
 # CTranslate2 compute types by instance kind: the first is the default. CPU int8: faster-whisper's CPU choice,
 # 1.3x float32's speed here on the real clips with the same English words (perf/LOG.md); GPU float16.
 COMPUTE_TYPES = {"cpu": ("int8", "float32", "int8_float32"), "gpu": ("float16", "int8_float16", "float32", "int8")}
-# The warm-up input a ctranslate2 engine refuses (no word timestamps yet): dropped from its config.
-WORD_TIMESTAMPS_WARMUP = re.compile(r' inputs \{ key: "WORD_TIMESTAMPS" value \{[^{}]*\} \}')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +124,6 @@ def run_ctranslate2(args: argparse.Namespace) -> None:
     set_parameter(config, "checkpoint", CT2_FOLDER)
     set_parameter(config, "engine", "ctranslate2")
     set_parameter(config, "compute_type", compute_type)
-    config.write_text(WORD_TIMESTAMPS_WARMUP.sub("", config.read_text()))
     set_instance_kind(config, args.kind)
     write_manifest(args.repo, "whisper", {"weights": str(source), "synthetic": False, "size": size,
                                           "kind": args.kind, "engine": "ctranslate2", "compute_type": compute_type})

@@ -11,6 +11,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,11 +24,12 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import whisper
-from conftest import Server, serve
+from conftest import EXPORT_ARGS, ROOT, Server, serve
 
 from trident import Client, InvalidInputError, TridentError
 from trident.stats import ERRORS, Snapshot, scrape
 from trident_serving import metrics
+from trident_serving.asr_ct2 import ENGINES
 from trident_serving.audio import SAMPLE_RATE, decode_audio
 
 pytestmark = pytest.mark.whisper
@@ -192,11 +195,16 @@ def flac_silence(seconds: int) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def tight(repository, tmp_path_factory):
-    """The exported whisper model under TIGHT parameters, on its own server."""
+@pytest.fixture(scope="module", params=ENGINES)
+def tight(request, repository, tmp_path_factory):
+    """The exported whisper model under TIGHT parameters, on its own server, served by each engine (ctranslate2:
+    the same synthetic weights converted by the export, float32)."""
     repo = tmp_path_factory.mktemp("tight_repository")
-    shutil.copytree(repository / "whisper", repo / "whisper")
+    if request.param == "openai":
+        shutil.copytree(repository / "whisper", repo / "whisper")
+    else:
+        subprocess.run([sys.executable, "-m", "export", *EXPORT_ARGS["whisper"], "--engine", "ctranslate2",
+                        "--compute-type", "float32", "--repo", str(repo)], cwd=ROOT, check=True)
     config = repo / "whisper" / "config.pbtxt"
     text = config.read_text()
     for key, value in TIGHT.items():

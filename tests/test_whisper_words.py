@@ -8,9 +8,14 @@ window each) and a 40 s clip of two windows, with words, and two without, all at
 a reference model given whisper's own alignment heads for `base`, which the export must have carried over from
 CTranslate2's config.json. Bad WORD_TIMESTAMPS inputs on the session's synthetic server.
 
-The server reuses each window's encoder output from the decoding step for the alignment, where
+The openai engine reuses each window's encoder output from the decoding step for the alignment, where
 whisper.transcribe encodes the window again: words and segment texts are compared exactly, times to within
 one DTW frame (0.02 s), word probabilities to 1e-3 (measured: times equal, probabilities within 4e-6).
+
+The ctranslate2 engine (the same real base served as it is, float32) against faster-whisper's
+`transcribe(word_timestamps=True, beam_size=1, temperature=0, condition_on_previous_text=False, vad_filter=False)`:
+in process the very words and times, probabilities within 2e-6 (measured on all five clips); served, batched, with
+the same bounds as above.
 """
 from __future__ import annotations
 
@@ -174,6 +179,84 @@ def test_real_weights_words_equal_whisper_transcribe(real):
             assert [(s.start, s.end, s.text) for s in result.segments] == \
                 [(s["start"], s["end"], s["text"]) for s in expected["segments"]]
     assert [w for s in served["long"].segments for w in s.words][-1].end > 30, "words in the second window"
+
+
+# ------------------------------------------------------------------------ the ctranslate2 engine, real weights
+
+def real_clips() -> dict[str, np.ndarray]:
+    """The espeak-ng clips and a 40 s clip of three English ones 12 s apart (two windows)."""
+    audio = {name: load_clip(name) for name in TRUTH}
+    english = [name for name in TRUTH if TRUTH[name]["language"] == "en"]
+    gap = np.zeros(12 * SAMPLE_RATE, np.float32)
+    audio["long"] = np.concatenate([audio[english[0]], gap, audio[english[1]], gap, audio[english[2]]])
+    return audio
+
+
+@pytest.fixture(scope="module")
+def faster_whisper_words() -> dict[str, dict]:
+    """faster-whisper's word timestamps on the real clips (same model.bin, float32, greedy, no conditioning), in
+    whisper.transcribe's shape."""
+    from faster_whisper import WhisperModel
+
+    from export.whisper import offline_base_dir
+
+    model = WhisperModel(str(offline_base_dir()), device="cpu", compute_type="float32", cpu_threads=2)
+    found = {}
+    for name, audio in real_clips().items():
+        segments, info = model.transcribe(audio, language=language_of(name) if name in TRUTH else None,
+                                          beam_size=1, temperature=0.0, condition_on_previous_text=False,
+                                          vad_filter=False, word_timestamps=True)
+        segments = [{"text": s.text, "start": s.start, "end": s.end,
+                     "words": [{"word": w.word, "start": w.start, "end": w.end, "probability": w.probability}
+                               for w in s.words]} for s in segments]
+        found[name] = {"text": "".join(s["text"] for s in segments), "language": info.language,
+                       "segments": segments}
+    return found
+
+
+def test_ctranslate2_engine_words_equal_faster_whisper(faster_whisper_words):
+    """In process, each clip alone: the very words and times of faster-whisper (CTranslate2's
+    align on the same encoder output, whisper's add_word_timestamps rules, as faster-whisper's own copy)."""
+    from export.whisper import offline_base_dir
+    from trident_serving.asr_ct2 import CTranslate2Whisper, scheduler_for
+
+    scheduler = scheduler_for(CTranslate2Whisper(offline_base_dir(), compute_type="float32", threads=2))
+    for name, audio in real_clips().items():
+        job = scheduler.add(audio, ASROptions(language=language_of(name) if name in TRUTH else None,
+                                              temperatures=(0.0,), word_timestamps=True))
+        while not job.done:
+            scheduler.step()
+        result, expected = scheduler.result(job), faster_whisper_words[name]
+        assert [[(w["word"], w["start"], w["end"]) for w in s["words"]] for s in result["segments"]] == \
+            [[(w["word"], w["start"], w["end"]) for w in s["words"]] for s in expected["segments"]], name
+        np.testing.assert_allclose([w["probability"] for s in result["segments"] for w in s["words"]],
+                                   [w["probability"] for s in expected["segments"] for w in s["words"]],
+                                   atol=1e-5, rtol=0)  # measured: within 2e-6 (float32 sums)
+
+
+def test_ctranslate2_server_words_equal_faster_whisper(real_triton_ct2, faster_whisper_words):
+    """Served by the ctranslate2 engine, every clip with words and one without, all at once over gRPC and HTTP
+    (batched: times within a frame, see the module docstring), against faster-whisper."""
+    audio = real_clips()
+    one_window = next(name for name in TRUTH if TRUTH[name]["language"] == "en")  # the same text with or without
+    asks = [(name, True) for name in audio] + [(one_window, False)]
+    clients = [Client(real_triton_ct2.grpc_url, timeout=TIMEOUT), Client(f"http://{real_triton_ct2.http_url}",
+                                                                         timeout=TIMEOUT)]
+
+    def ask(i: int) -> Transcription:
+        name, words = asks[i]
+        return clients[i % 2].transcribe(audio[name], language=language_of(name) if name in TRUTH else None,
+                                         temperature=0.0, word_timestamps=words)
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(ask, range(len(asks))))
+    for (name, words), result in zip(asks, answers):
+        if words:
+            assert_same_words(result, faster_whisper_words[name])
+        else:
+            assert all(not s.words for s in result.segments)
+            assert result.text == faster_whisper_words[name]["text"]
+    assert [w for s in answers[list(audio).index("long")].segments for w in s.words][-1].end > 30
 
 
 def test_official_export_carries_whisper_alignment_heads(tmp_path, monkeypatch):

@@ -318,6 +318,10 @@ class Scheduler:
                                   fp16=self.fp16)
         return RowwiseDecodingTask(self.model, options, prompts).run(features)
 
+    def aligner(self) -> Any:
+        """What whisper.timing.find_alignment gets as its model: the decoder over an already encoded window."""
+        return EncodedWindow(self.model)
+
     def advance(self, job: Job, result: DecodingResult, size: int, features: torch.Tensor) -> None:
         """Append the window's segments and move `seek`, as whisper.transcribe does after each window.
 
@@ -350,7 +354,7 @@ class Scheduler:
         the alignment heads, DTW, punctuation merging; it also moves segment starts and ends onto the words),
         then, unless the window ends on a single timestamp, the next window starts at the last word's end."""
         time_offset = job.seek * HOP_LENGTH / SAMPLE_RATE
-        add_word_timestamps(segments=segments, model=EncodedWindow(self.model), tokenizer=tokenizer,
+        add_word_timestamps(segments=segments, model=self.aligner(), tokenizer=tokenizer,
                             mel=features, num_frames=size, last_speech_timestamp=job.last_speech_timestamp)
         last_word_end = get_end(segments)
         if not single_timestamp_ending(tokens, tokenizer) and last_word_end is not None \

@@ -14,7 +14,10 @@ Semantic choices, each as openai-whisper's (so that both engines answer alike):
 * the suppressed tokens of whisper's `suppress_tokens="-1"`, suppress_blank, the first timestamp within 1 s;
 * `avg_logprob` as faster-whisper derives it from CTranslate2's length-normalised score (its sum over the tokens
   and end of text, divided by the token count + 1, as whisper's), `compression_ratio` on the stripped text.
-Word timestamps are not served by this engine yet: a request asking for them is refused (INVALID_ARG).
+* word timestamps: whisper.transcribe's (`whisper.timing.add_word_timestamps`: punctuation merging, the
+  segment-boundary rules, the seek after the last word), with the token-to-frame path computed by CTranslate2's
+  `align` (the model's alignment heads, median filter and DTW, as whisper's `find_alignment`) on the window's
+  encoder output, as faster-whisper does.
 """
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
+import whisper.timing
+from whisper.audio import TOKENS_PER_SECOND
 from whisper.decoding import DecodingResult
-from whisper.tokenizer import get_tokenizer
+from whisper.timing import WordTiming
+from whisper.tokenizer import Tokenizer, get_tokenizer
 from whisper.utils import compression_ratio
 
 from .asr import ASROptions, Scheduler
-from .errors import InvalidInput
 
 ENGINES = ("openai", "ctranslate2")
 SAMPLE_LEN = 224  # whisper's default DecodingOptions.sample_len (n_text_ctx // 2)
@@ -65,11 +70,8 @@ class CTranslate2Scheduler(Scheduler):
         # Windows stay float32 whatever the device: CTranslate2's compute type decides the arithmetic.
         super().__init__(model, max_windows=max_windows, fp16=False)
 
-    def check(self, options: ASROptions) -> Optional[str]:
-        if options.word_timestamps:
-            raise InvalidInput("WORD_TIMESTAMPS is not served by the ctranslate2 engine yet: serve whisper with "
-                               "the openai engine (`python -m export whisper --engine openai`) for word timings")
-        return super().check(options)
+    def aligner(self) -> Any:
+        return AlignedByCTranslate2(self.model)
 
     def encode(self, mels: torch.Tensor) -> torch.Tensor:
         output = self.model.ct2.encode(storage(mels.to(self.model.device, torch.float32)))
@@ -108,6 +110,41 @@ class CTranslate2Scheduler(Scheduler):
                                           avg_logprob=avg_logprob, no_speech_prob=result.no_speech_prob,
                                           temperature=temperature, compression_ratio=compression_ratio(text)))
         return decoded
+
+
+@dataclass(frozen=True)
+class AlignedByCTranslate2:
+    """A CTranslate2 model as whisper.timing.find_alignment's `model`: `find_alignment` below aligns with it."""
+    model: CTranslate2Whisper
+
+
+def find_alignment(model: Any, tokenizer: Tokenizer, text_tokens: List[int], mel: torch.Tensor, num_frames: int,
+                   **kwargs: Any) -> List[WordTiming]:
+    """whisper.timing.find_alignment, which whisper.timing.add_word_timestamps looks up by name when it runs:
+    the same word timings from CTranslate2's `align` for an `AlignedByCTranslate2` (`mel` is then the window's
+    encoder output), whisper's own for any other model."""
+    if not isinstance(model, AlignedByCTranslate2):
+        return _whisper_find_alignment(model, tokenizer, text_tokens, mel, num_frames, **kwargs)
+    if not text_tokens:
+        return []
+    # CTranslate2 adds <|notimestamps|> after the start sequence and <|endoftext|> after the text, as whisper.
+    aligned = model.model.ct2.align(storage(mel.unsqueeze(0)), list(tokenizer.sot_sequence), [text_tokens],
+                                    num_frames, median_filter_width=kwargs.get("median_filter_width", 7))[0]
+    text_indices, time_indices = np.array(aligned.alignments).reshape(-1, 2).T
+    words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
+    if len(word_tokens) <= 1:  # the end of text alone
+        return []
+    # A word starts where the path first reaches its first token and ends where it reaches the next word's.
+    boundaries = np.cumsum([0] + [len(tokens) for tokens in word_tokens])
+    first_steps = np.diff(text_indices, prepend=-1) != 0
+    step_times = time_indices[first_steps] / TOKENS_PER_SECOND
+    probabilities = np.asarray(aligned.text_token_probs)
+    return [WordTiming(word, tokens, step_times[start], step_times[end], float(probabilities[start:end].mean()))
+            for word, tokens, start, end in zip(words, word_tokens, boundaries[:-2], boundaries[1:-1])]
+
+
+_whisper_find_alignment = whisper.timing.find_alignment
+whisper.timing.find_alignment = find_alignment
 
 
 def scheduler_for(model: Any, max_windows: int = 16) -> Scheduler:
