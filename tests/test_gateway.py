@@ -51,6 +51,17 @@ class Running:
         self.server.should_exit = True
         self.thread.join(15)
 
+    def __enter__(self) -> "Running":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def api_client(url: str, key: str | None = None, timeout: float = 120) -> httpx.Client:
+    """An HTTP client of the gateway at `url`, sending `key` as its bearer token if given."""
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=timeout)
+
 
 @pytest.fixture(scope="module")
 def keys_file(tmp_path_factory) -> Path:
@@ -64,24 +75,22 @@ def api_key(keys_file) -> str:
 
 @pytest.fixture(scope="module")
 def gateway(triton, keys_file, api_key):
-    running = Running(Settings(triton=triton.grpc_url, keys_file=keys_file, max_image_bytes=IMAGE_LIMIT))
-    yield running
-    running.stop()
+    with Running(Settings(triton=triton.grpc_url, keys_file=keys_file, max_image_bytes=IMAGE_LIMIT)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def http(gateway, api_key):
-    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as client:
+    with api_client(gateway.url, api_key) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def down():
     """A gateway without keys and with CORS on, pointed at a port where no Triton listens."""
-    running = Running(Settings(triton=f"127.0.0.1:{free_port()}", auth=False,
-                               cors_origins=["https://app.example"]))
-    yield running
-    running.stop()
+    with Running(Settings(triton=f"127.0.0.1:{free_port()}", auth=False,
+                          cors_origins=["https://app.example"])) as running:
+        yield running
 
 
 def as_json(value):
@@ -278,11 +287,8 @@ def test_triton_down_is_503_quickly(down):
 
 @pytest.mark.yolo
 def test_triton_too_slow_is_504(triton):
-    hurried = Running(Settings(triton=triton.grpc_url, auth=False, timeout=0.001))
-    try:
+    with Running(Settings(triton=triton.grpc_url, auth=False, timeout=0.001)) as hurried:
         response = httpx.post(f"{hurried.url}/v1/detect", content=IMAGE.read_bytes(), timeout=30)
-    finally:
-        hurried.stop()
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout", response.text
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import DATA
-from tests.test_gateway import Running, _exchange
+from tests.test_gateway import Running, _exchange, api_client
 from trident.analyze import pipeline
 from trident.analyze.results import Options
 from trident_gateway import Settings, keys
@@ -54,14 +54,13 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gateway(triton, keys_file, owner_key, data_dir):
-    running = Running(Settings(triton=triton.grpc_url, keys_file=keys_file, data_dir=data_dir,
-                               max_video_bytes=VIDEO_LIMIT))
-    yield running
-    running.stop()
+    with Running(Settings(triton=triton.grpc_url, keys_file=keys_file, data_dir=data_dir,
+                          max_video_bytes=VIDEO_LIMIT)) as running:
+        yield running
 
 
 def client(url: str, key: str | None = None) -> httpx.Client:
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
+    return api_client(url, key, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -267,44 +266,32 @@ def test_oversize_upload_refused(gateway, http, owner_key, data_dir):
 def test_restart_resumes_queued_and_fails_running(triton, keys_file, owner_key, silent, tmp_path):
     settings = Settings(triton=triton.grpc_url, keys_file=keys_file, data_dir=tmp_path, max_jobs=1,
                         jobs_db=tmp_path / "state" / "jobs.db")
-    first = Running(settings)
-    try:
-        with client(first.url, owner_key) as http:
-            long = submit(http, silent, fps=LONG_FPS)
-            queued = submit(http, IMAGE)  # waits: one job at a time
-            wait_for(http, long["id"], lambda view: view["status"] == "running", timeout=60)
-            assert http.get(f"/v1/jobs/{queued['id']}").json()["status"] == "queued"
-    finally:
-        first.stop()
+    with Running(settings) as first, client(first.url, owner_key) as http:
+        long = submit(http, silent, fps=LONG_FPS)
+        queued = submit(http, IMAGE)  # waits: one job at a time
+        wait_for(http, long["id"], lambda view: view["status"] == "running", timeout=60)
+        assert http.get(f"/v1/jobs/{queued['id']}").json()["status"] == "queued"
     assert not first.thread.is_alive()
     with sqlite3.connect(tmp_path / "state" / "jobs.db") as db:  # the stopped gateway left the rows as they were
         assert dict(db.execute("SELECT id, status FROM jobs")) == {long["id"]: "running", queued["id"]: "queued"}
 
-    second = Running(settings)
-    try:
-        with client(second.url, owner_key) as http:
-            failed = http.get(f"/v1/jobs/{long['id']}").json()
-            assert failed["status"] == "failed" and failed["error"] == RESTARTED and failed["finished"]
-            resumed = wait_for(http, queued["id"])
-            assert resumed["status"] == "succeeded", resumed
-            assert http.get(resumed["links"]["json"]).json()["inputs"][0]["kind"] == "image"
-    finally:
-        second.stop()
+    with Running(settings) as second, client(second.url, owner_key) as http:
+        failed = http.get(f"/v1/jobs/{long['id']}").json()
+        assert failed["status"] == "failed" and failed["error"] == RESTARTED and failed["finished"]
+        resumed = wait_for(http, queued["id"])
+        assert resumed["status"] == "succeeded", resumed
+        assert http.get(resumed["links"]["json"]).json()["inputs"][0]["kind"] == "image"
 
 
 def test_retention_removes_files(triton, keys_file, owner_key, tmp_path):
-    keeper = Running(Settings(triton=triton.grpc_url, keys_file=keys_file, data_dir=tmp_path, job_retention=1.0,
-                              sweep_interval=0.2))
-    try:
-        with client(keeper.url, owner_key) as http:
-            job = submit(http, IMAGE)
-            done = wait_for(http, job["id"])
-            assert done["status"] == "succeeded" and done["files_removed"] is None, done
-            assert http.get(job["links"]["json"]).status_code == 200
-            expired = wait_for(http, job["id"], lambda view: view["files_removed"] is not None, timeout=30)
-            assert expired["status"] == "succeeded" and expired["files_expire"] is None
-            gone = http.get(job["links"]["json"])
-            assert gone.status_code == 410 and gone.json()["error"]["code"] == "expired"
-            assert not (tmp_path / "jobs" / job["id"]).exists()
-    finally:
-        keeper.stop()
+    with Running(Settings(triton=triton.grpc_url, keys_file=keys_file, data_dir=tmp_path, job_retention=1.0,
+                          sweep_interval=0.2)) as keeper, client(keeper.url, owner_key) as http:
+        job = submit(http, IMAGE)
+        done = wait_for(http, job["id"])
+        assert done["status"] == "succeeded" and done["files_removed"] is None, done
+        assert http.get(job["links"]["json"]).status_code == 200
+        expired = wait_for(http, job["id"], lambda view: view["files_removed"] is not None, timeout=30)
+        assert expired["status"] == "succeeded" and expired["files_expire"] is None
+        gone = http.get(job["links"]["json"])
+        assert gone.status_code == 410 and gone.json()["error"]["code"] == "expired"
+        assert not (tmp_path / "jobs" / job["id"]).exists()

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -29,7 +30,9 @@ from tritonclient.utils import InferenceServerException
 
 import trident.aio
 from trident import Client, DetectResult, ServerUnavailableError, TridentError, calls, cli
+from trident_gateway import Settings
 from trident_serving import server, supervisor
+from tests.test_gateway import Running
 from test_recovery import without_warmup
 from test_supervisor_liveness import echo_repository
 
@@ -101,6 +104,30 @@ def test_load_and_unload_need_the_key(restricted, protocol):
     client.load_model(ECHO, headers=admin)
     assert client.is_model_ready(ECHO)
     assert echo(client, module) == 4.5  # inference stays open
+
+
+def test_readiness_names_a_model_that_is_not_ready(restricted):
+    """The gateway's /readyz is 503 naming the model while one is unloaded, 200 again once it is back."""
+    admin = grpcclient.InferenceServerClient(f"127.0.0.1:{restricted.grpc_port}")
+    headers = calls.admin_headers("grpc", KEY)
+    settings = Settings(triton=f"127.0.0.1:{restricted.grpc_port}", auth=False, triton_admin_key=KEY)
+
+    def state() -> str:
+        index = admin.get_model_repository_index(headers=headers, as_json=True)["models"]
+        return next(model.get("state", "") for model in index if model["name"] == ECHO)
+
+    with Running(settings) as gateway:
+        assert httpx.get(f"{gateway.url}/readyz", timeout=30).json() == {"status": "ready", "models": {ECHO: "READY"}}
+        admin.unload_model(ECHO, headers=headers)
+        try:
+            wait_until(lambda: state() == "UNAVAILABLE", 60, "the model did not unload")  # past UNLOADING
+            ready = httpx.get(f"{gateway.url}/readyz", timeout=30)
+        finally:
+            admin.load_model(ECHO, headers=headers)
+        assert ready.status_code == 503 and int(ready.headers["Retry-After"]) > 0, ready.text
+        assert ready.json()["error"] == {"code": "not_ready", "message": f"{ECHO} is UNAVAILABLE"}
+        assert ready.json()["server_ready"] is True and ready.json()["models"] == {ECHO: "UNAVAILABLE"}
+        assert httpx.get(f"{gateway.url}/readyz", timeout=30).status_code == 200
 
 
 def test_health_checks_send_the_key(restricted, monkeypatch, capsys):
@@ -235,6 +262,19 @@ def test_mutual_tls_needs_a_client_certificate(mutual, certs):
             return await client.detect(image)
 
     assert asyncio.run(through_aio()) == result
+
+
+@pytest.mark.yolo
+def test_analyze_connects_over_mutual_tls(mutual, certs, tmp_path, capsys):
+    """`trident analyze` takes the TLS options: without a client certificate the server is unreachable; with it,
+    the server answers and is refused for analysis only because this one serves detect alone."""
+    url = ["--url", f"127.0.0.1:{mutual.grpc_port}", "--root-cert", str(certs["ca"])]
+    command = ["analyze", str(DATA / "ocr_en_sign.jpg"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert cli.main([*url, *command]) == 1
+    assert "unavailable" in capsys.readouterr().err.lower()
+    assert cli.main([*url, "--client-cert", str(certs["client"]), "--client-key", str(certs["client_key"]),
+                     *command]) == 1
+    assert "not ready for analysis: whisper (not in the repository)" in capsys.readouterr().err
 
 
 @pytest.mark.yolo

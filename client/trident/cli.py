@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     tls = parser.add_argument_group("TLS (gRPC)", "health: a restricted model-repository API's key is read from "
                                     "$TRIDENT_ADMIN_KEY")
     tls.add_argument("--ssl", action="store_true",
-                     help="connect over TLS (implied by the options below; not for analyze yet)")
+                     help="connect over TLS (implied by the options below)")
     tls.add_argument("--root-cert", default=os.environ.get("TRIDENT_ROOT_CERT"), metavar="PEM",
                      help="CA certificate that signed the server's (env TRIDENT_ROOT_CERT; default: system roots)")
     tls.add_argument("--client-cert", default=os.environ.get("TRIDENT_CLIENT_CERT"), metavar="PEM",
@@ -148,7 +148,7 @@ def _analyze(args: argparse.Namespace) -> int:
         options = Options(fps=fps, scenes=args.scenes, language=args.language, temperature=args.temperature)
         analysis = pipeline.analyze(args.media, args.url, args.protocol, options, out=args.out,
                                     in_flight=args.in_flight, timeout=args.timeout or 3600.0,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, client_options=tls_options(args))
     except ValueError as exc:
         print(f"trident: {exc}", file=sys.stderr)
         return 2

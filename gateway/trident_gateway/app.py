@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from swagger_ui_bundle import swagger_ui_path
 
 import trident.aio
@@ -43,6 +43,14 @@ JOB_ERRORS = {404: {"description": "no such job (or another key's)"},
               410: {"description": "the job's files were removed (retention)"}}
 
 
+def _listed(value: Any) -> Any:
+    """One temperature as a schedule of one: `?temperature=0` and a repeated field mean the same."""
+    return [value] if isinstance(value, (str, int, float)) else value
+
+
+Temperatures = Annotated[Optional[list[float]], BeforeValidator(_listed)]
+
+
 class DetectOptions(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
     conf: Optional[float] = Field(None, ge=0, le=1, description="confidence threshold (model default if unset)")
@@ -53,14 +61,9 @@ class TranscribeOptions(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
     language: Optional[str] = Field(None, max_length=32, description="e.g. en, ko; detected if unset")
     task: Literal["transcribe", "translate"] = "transcribe"
-    temperature: Optional[list[float]] = Field(
+    temperature: Temperatures = Field(
         None, description="decoding temperature; repeat it for a fallback schedule (e.g. 0, 0.2, 0.4)")
     word_timestamps: bool = False
-
-    @field_validator("temperature", mode="before")
-    @classmethod
-    def _listed(cls, value: Any) -> Any:
-        return [value] if isinstance(value, (str, int, float)) else value
 
 
 class AnalyzeOptions(BaseModel):
@@ -68,15 +71,10 @@ class AnalyzeOptions(BaseModel):
     fps: Optional[float] = Field(None, gt=0, le=60, description="video frames analysed per second (default 1)")
     scenes: bool = Field(False, description="one frame per scene instead of a fixed rate (not with fps)")
     language: Optional[str] = Field(None, max_length=32, description="spoken language, e.g. en; detected if unset")
-    temperature: Optional[list[float]] = Field(
+    temperature: Temperatures = Field(
         None, description="Whisper's temperatures (0 alone: greedy, the same every run); repeat for a schedule")
     filename: Optional[str] = Field(None, max_length=255, description="the file's name with a raw body: its "
                                                                       "extension tells video, audio and image apart")
-
-    @field_validator("temperature", mode="before")
-    @classmethod
-    def _listed(cls, value: Any) -> Any:
-        return [value] if isinstance(value, (str, int, float)) else value
 
     @model_validator(mode="after")
     def _one_sampling(self) -> "AnalyzeOptions":

@@ -78,17 +78,19 @@ class ServerGone(ServerUnavailableError):
 
 def analyze(paths: Sequence[str | Path], url: str = "localhost", protocol: str | None = None,
             options: Options | None = None, out: str | Path | None = None, in_flight: int = IN_FLIGHT,
-            timeout: float = 600.0, progress: bool = False) -> Analysis:
+            timeout: float = 600.0, progress: bool = False, client_options: dict | None = None) -> Analysis:
     """Analyse media files (or folders of them) on the server at `url`, write the results into `out` (if
     given: `output.write`) and return them. `options` default to one frame a second. Paths that are missing or
-    not media files are listed in the results as failed inputs, with why.
+    not media files are listed in the results as failed inputs, with why. `client_options` go to the
+    `trident.aio.Client` (TLS: `ssl`, `root_certificates`, `private_key`, `certificate_chain`).
 
     Raises `ServerUnavailableError` when the server cannot be reached or is not ready before anything is
     decoded; `ServerGone` (after writing the partial results) when it goes away mid-run; KeyboardInterrupt
     (after writing) on Ctrl-C."""
     analysis, files = _begin(paths, url, protocol, options, in_flight)
+    client = Client(url, protocol=protocol, timeout=timeout, **(client_options or {}))
     try:
-        asyncio.run(_run(analysis, files, url, protocol, timeout, in_flight, progress))
+        asyncio.run(_run(analysis, files, client, in_flight, progress))
     except (ServerUnavailableError, KeyboardInterrupt) as exc:
         if analysis.server.models:  # it answered once: what was done is worth writing
             if out is not None:
@@ -123,9 +125,8 @@ def _begin(paths: Sequence[str | Path], url: str, protocol: str | None, options:
     return analysis, files
 
 
-async def _run(analysis: Analysis, files: list[Path], url: str, protocol: str | None, timeout: float,
-               in_flight: int, progress: bool) -> None:
-    async with Client(url, protocol=protocol, timeout=timeout) as client:
+async def _run(analysis: Analysis, files: list[Path], client: Client, in_flight: int, progress: bool) -> None:
+    async with client:
         await _run_with(client, analysis, files, in_flight, progress)
 
 
