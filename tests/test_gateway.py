@@ -292,6 +292,23 @@ def test_triton_too_slow_is_504(triton):
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout", response.text
 
 
+def test_a_gateway_without_jobs_names_where_they_are(tmp_path, monkeypatch):
+    """`--no-jobs` / TRIDENT_GATEWAY_JOBS=0 (the scaled replicas in Kubernetes): every job route answers 404 naming
+    where jobs go, and nothing of the jobs' state is created."""
+    monkeypatch.setenv("TRIDENT_GATEWAY_JOBS", "0")
+    settings = Settings.from_env()
+    assert settings.jobs is False
+    settings.triton, settings.auth, settings.data_dir = f"127.0.0.1:{free_port()}", False, tmp_path / "data"
+    with Running(settings) as gateway, api_client(gateway.url, timeout=30) as http:
+        answers = [http.post("/v1/analyze", files={"file": ("a.jpg", IMAGE.read_bytes())}),
+                   http.get("/v1/jobs/abc"), http.get("/v1/jobs/abc/result"), http.delete("/v1/jobs/abc")]
+        for answer in answers:
+            assert answer.status_code == 404 and answer.json()["error"]["code"] == "jobs_not_served", answer.text
+            assert "/v1/analyze" in answer.json()["error"]["message"]
+        assert http.get("/healthz").json() == {"status": "ok"}
+    assert not settings.data_dir.exists()
+
+
 def test_cors_only_where_configured(down, gateway):
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization"}

@@ -116,15 +116,15 @@ def test_deployment_serves_the_trident_image_on_a_gpu(rendered):
     assert mounts["/models"]["readOnly"] is True and env["MODEL_REPOSITORY"] == "/models"
     assert [m for m in mounts if m.startswith("/models/")] == []
     assert objects[("PersistentVolumeClaim", "trident-models")]["spec"]["accessModes"] == ["ReadWriteMany"]
-    # Every Service and monitor selects exactly the Deployment's pods (the gateway's Service, the gateway's pods).
+    # Every Service and monitor selects exactly the Deployment's pods (each gateway Service, its own gateway's pods).
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     pods = {name: obj["spec"]["template"]["metadata"]["labels"] for (kind, name), obj in objects.items()
-            if kind == "Deployment"}
+            if kind in ("Deployment", "StatefulSet")}
     for (kind, name), obj in objects.items():
         if kind == "Service":
             selected = [pod for pod, pod_labels in pods.items() if obj["spec"]["selector"].items() <= pod_labels.items()]
-            assert selected == (["trident-gateway"] if name == "trident-gateway" else ["trident"]), name
+            assert selected == ([name] if name.startswith("trident-gateway") else ["trident"]), name
     headless = objects[("Service", "trident-grpc-headless")]["spec"]
     assert headless["clusterIP"] == "None" and [p["port"] for p in headless["ports"]] == [8001]
     monitor = objects[("PodMonitor", "trident")]
@@ -443,11 +443,41 @@ def test_gateway_runs_unprivileged_and_scales_on_cpu(rendered):
     assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
 
 
+def test_jobs_are_served_by_one_gateway_with_a_volume_and_routed_to_it(rendered):
+    """A job lives on the gateway that took it: the scaled replicas have jobs off, one StatefulSet replica serves
+    them from a volume, and the Ingress sends the job paths to it and every other path to the scaled Service."""
+    _, docs = rendered
+    objects = by_kind(docs)
+    scaled = objects[("Deployment", "trident-gateway")]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "TRIDENT_GATEWAY_JOBS", "value": "0"} in scaled["env"]
+    jobs = objects[("StatefulSet", "trident-gateway-jobs")]["spec"]
+    assert jobs["replicas"] == 1
+    (container,) = jobs["template"]["spec"]["containers"]
+    assert not any(e["name"] == "TRIDENT_GATEWAY_JOBS" for e in container["env"])
+    data = next(e["value"] for e in container["env"] if e["name"] == "TRIDENT_GATEWAY_DATA")
+    (claim,) = jobs["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": data} in container["volumeMounts"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert jobs["template"]["spec"]["securityContext"]["fsGroup"] == 10001  # the image's user writes the volume
+    # Each Service selects its own pods only.
+    labels = {name: objects[kind]["spec"]["template"]["metadata"]["labels"]
+              for name, kind in (("api", ("Deployment", "trident-gateway")),
+                                 ("jobs", ("StatefulSet", "trident-gateway-jobs")))}
+    for service, own, other in (("trident-gateway", "api", "jobs"), ("trident-gateway-jobs", "jobs", "api")):
+        selector = objects[("Service", service)]["spec"]["selector"].items()
+        assert selector <= labels[own].items() and not selector <= labels[other].items(), service
+    (rule,) = objects[("Ingress", "trident-gateway")]["spec"]["rules"]
+    routes = {(p["path"], p["pathType"]): p["backend"]["service"]["name"] for p in rule["http"]["paths"]}
+    assert routes == {("/v1/analyze", "Prefix"): "trident-gateway-jobs", ("/v1/jobs", "Prefix"): "trident-gateway-jobs",
+                      ("/", "Prefix"): "trident-gateway"}
+
+
 def test_network_policy_admits_only_the_gateway_and_prometheus_to_triton(rendered):
     _, docs = rendered
     objects = by_kind(docs)
     triton = objects[("Deployment", "trident")]["spec"]["template"]
     gateway_labels = objects[("Deployment", "trident-gateway")]["spec"]["template"]["metadata"]["labels"]
+    jobs_labels = objects[("StatefulSet", "trident-gateway-jobs")]["spec"]["template"]["metadata"]["labels"]
     policy = objects[("NetworkPolicy", "trident-triton-ingress")]["spec"]
     selected = policy["podSelector"]["matchLabels"]
     assert selected.items() <= triton["metadata"]["labels"].items()
@@ -455,6 +485,7 @@ def test_network_policy_admits_only_the_gateway_and_prometheus_to_triton(rendere
     (gateway_rule, prometheus_rule) = policy["ingress"]
     (source,) = gateway_rule["from"]
     assert source["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert source["podSelector"]["matchLabels"].items() <= jobs_labels.items()
     assert not source["podSelector"]["matchLabels"].items() <= triton["metadata"]["labels"].items()
     assert [p["port"] for p in gateway_rule["ports"]] == [8001]
     assert prometheus_rule["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}

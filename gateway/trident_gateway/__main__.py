@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings.data_dir = args.data_dir
     if args.max_jobs is not None:
         settings.max_jobs = args.max_jobs
+    settings.jobs = settings.jobs and not args.no_jobs
     for name in ("triton_root_cert", "triton_client_cert", "triton_client_key", "ssl_certfile", "ssl_keyfile"):
         setattr(settings, name, getattr(args, name) or getattr(settings, name))
     settings.triton_ssl = args.triton_ssl or settings.triton_ssl
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data-dir", type=Path, help="analysis jobs' uploads, results and SQLite state (default: "
                        "a temporary folder; TRIDENT_GATEWAY_DATA): give a persistent one in production")
     serve.add_argument("--max-jobs", type=int, help="analysis jobs run at once, the others queued (default 2)")
+    serve.add_argument("--no-jobs", action="store_true",
+                       help="answer /v1/analyze and /v1/jobs 404: another gateway serves the jobs "
+                            "(TRIDENT_GATEWAY_JOBS=0; behind several replicas, as in deploy/kubernetes)")
     serve.add_argument("--log-level", default="info")
     tls = serve.add_argument_group("TLS", "PEM files; each option also from TRIDENT_GATEWAY_<OPTION> (e.g. "
                                    "TRIDENT_GATEWAY_SSL_CERTFILE). A restricted model-repository API's key (for "

@@ -113,18 +113,20 @@ def create_app(settings: Settings) -> FastAPI:
     settings.check()
     keys = KeyStore(settings.keys_file) if settings.auth else None
     metrics = Metrics()
-    jobs = JobRunner(settings)
+    jobs = JobRunner(settings) if settings.jobs else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # One client, so every request shares one gRPC channel (HTTP/2 streams over one connection).
         app.state.client = trident.aio.Client(settings.triton, protocol="grpc", timeout=settings.timeout,
                                               **settings.client_options())
-        await jobs.start()
+        if jobs is not None:
+            await jobs.start()
         try:
             yield
         finally:
-            await jobs.stop()
+            if jobs is not None:
+                await jobs.stop()
             await app.state.client.close()
 
     # docs_url/redoc_url None: FastAPI's own pages load Swagger UI from a CDN; /docs below serves it from the
@@ -201,9 +203,15 @@ def create_app(settings: Settings) -> FastAPI:
         """Whose jobs the caller sees: its key's name; None (every job) with auth off."""
         return getattr(request.state, "key_name", None)
 
-    jobs_v1 = dict(dependencies=[Depends(require_key)], responses=JOB_ERRORS)
+    def require_jobs() -> None:
+        if jobs is None:
+            raise ApiError(404, "jobs_not_served", "analysis jobs are served by another gateway: send /v1/analyze "
+                                                   "and /v1/jobs there (in Kubernetes the Ingress routes them)")
 
-    @app.post("/v1/analyze", tags=["jobs"], status_code=202, dependencies=[Depends(require_key)],
+    job_route = [Depends(require_key), Depends(require_jobs)]
+    jobs_v1 = dict(dependencies=job_route, responses=JOB_ERRORS)
+
+    @app.post("/v1/analyze", tags=["jobs"], status_code=202, dependencies=job_route,
               openapi_extra=UPLOAD_BODY, responses={**ERRORS, 415: {"description": "not a media file by its name"}})
     async def analyze(request: Request, query: Annotated[AnalyzeOptions, Query()]) -> JSONResponse:
         """Start an analysis job on a video, audio file or image (as `trident analyze`: transcript, objects and

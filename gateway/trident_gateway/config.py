@@ -55,7 +55,10 @@ class Settings:
     # HTTPS of the gateway itself (uvicorn's ssl_certfile / ssl_keyfile); none: plain HTTP (or TLS at a proxy)
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
-    # Analysis jobs (/v1/analyze): uploads and results under `data_dir`, their state in SQLite (`jobs_db`).
+    # Analysis jobs (/v1/analyze): uploads and results under `data_dir`, their state in SQLite (`jobs_db`). A job
+    # lives on the gateway that took it: behind several replicas, one gateway serves the jobs and the others are
+    # started with `jobs` off (they answer the job routes 404 naming where they are; TRIDENT_GATEWAY_JOBS=0).
+    jobs: bool = True
     data_dir: Path = field(default_factory=_default_data_dir)  # give a persistent volume in production
     jobs_db: Path | None = None  # None: data_dir / "jobs.sqlite3"
     max_video_bytes: int = 2048 * MB  # /v1/analyze request bodies
@@ -79,7 +82,8 @@ class Settings:
                    ssl_keyfile=env("TRIDENT_GATEWAY_SSL_KEYFILE") or None,
                    timeout=float(os.environ.get("TRIDENT_GATEWAY_TIMEOUT", cls.timeout)),
                    max_image_bytes=_env_mb("TRIDENT_GATEWAY_MAX_IMAGE_MB", 20),
-                   max_audio_bytes=_env_mb("TRIDENT_GATEWAY_MAX_AUDIO_MB", 100), **_jobs_env())
+                   max_audio_bytes=_env_mb("TRIDENT_GATEWAY_MAX_AUDIO_MB", 100),
+                   jobs=env("TRIDENT_GATEWAY_JOBS", "1").lower() not in ("0", "false", "off", "no"), **_jobs_env())
 
     def client_options(self) -> dict:
         """The trident client's TLS and admin-key arguments (trident.aio.Client); TLS is implied by any PEM file."""
