@@ -15,10 +15,12 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from google.protobuf import text_format
@@ -27,6 +29,7 @@ from tritonclient.grpc import model_config_pb2
 from deploy import pip_resolve
 from export import yolo as export_yolo
 from trident_serving import container
+from trident_serving.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = ROOT / "model_repository"
@@ -632,6 +635,45 @@ def test_the_admin_key_is_generated_never_committed():
     assert "/dev/urandom" in (ROOT / "deploy" / "deploy.sh").read_text()
     dockerfile = (ROOT / "gateway" / "Dockerfile").read_text()
     assert "\nUSER 10001:10001\n" in dockerfile and dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
+
+
+def test_the_gateway_image_packages_install_and_serve(tmp_path):
+    """What gateway/Dockerfile installs (gateway/install.sh: the client with PyAV, the gateway, pinned by
+    requirements.txt), into a fresh venv of this Python with nothing else: the app imports and serves. (No Docker
+    here to build the image itself; its install once lacked PyAV, which every start of the image would have hit.)"""
+    dockerfile = (ROOT / "gateway" / "Dockerfile").read_text()
+    assert "RUN sh /opt/trident/gateway/install.sh /opt/trident" in dockerfile
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}
+    installed = subprocess.run(["sh", str(ROOT / "gateway" / "install.sh"), str(ROOT), python], env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    versions = subprocess.run([python, "-c", "import importlib.metadata as m; print([m.version(p) for p in "
+                               "('tritonclient', 'av', 'numpy', 'fastapi')])"], capture_output=True, text=True)
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line)
+    assert versions.stdout.strip() == str([pins["tritonclient[all]"], pins["av"], pins["numpy"], pins["fastapi"]])
+    port = free_port()
+    serving = subprocess.Popen([python, "-m", "trident_gateway", "serve", "--no-auth", "--no-jobs", "--port",
+                                str(port), "--triton", f"127.0.0.1:{free_port()}"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert serving.poll() is None, serving.stdout.read()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the gateway did not listen"
+                time.sleep(0.2)
+        assert health.json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=5).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 503  # no Triton there
+    finally:
+        serving.terminate()
+        serving.wait(30)
 
 
 def test_trident_serve_restricts_the_model_repository_api_with_the_key():
