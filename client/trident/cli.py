@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from typing import Callable
 
@@ -221,10 +220,18 @@ def _show_lines(path: str, lines: list[TextLine]) -> None:
 
 
 def run() -> None:
-    """The `trident` command. Only here, not in `main` (which a program may call): a closed pipe ends the process
-    quietly (`trident ... | head`), where Python would raise BrokenPipeError on the next print."""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    sys.exit(main())
+    """The `trident` command. A reader that leaves early (`trident ... | head`) ends it quietly, as Python's
+    documentation recommends: BrokenPipeError is caught here and SIGPIPE stays ignored. (With SIGPIPE at its
+    default, a write to any closed pipe or socket, a library's included, killed the process: once an `analyze`
+    being interrupted with Ctrl-C died so, with nothing written.)"""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: into /dev/null, so that this does not fail as well.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":
