@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import select
 import signal
 import socket
 import subprocess
@@ -201,29 +202,36 @@ def test_cli_serve(triton):
     assert logged[-1]["path"] == "/readyz" and logged[-1]["status"] == 200 and logged[-1]["key"] is None
 
 
-def _exchange(port: int, head: str, chunks=(), timeout: float = 10.0) -> tuple[str, int]:
+def _exchange(port: int, head: str, chunks=(), timeout: float = 30.0) -> tuple[str, int]:
     """Send `head` then `chunks` on a raw socket until the gateway answers; its status line, and the bytes of
-    `chunks` sent before the answer came."""
+    `chunks` sent before the answer came. Every chunk goes whole (a partial one would leave a body the gateway
+    waits on for ever); waiting more than `timeout` s on the gateway fails the test instead of hanging it."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(head.encode())
-        sent = 0
-        sock.setblocking(False)
-        answer = b""
-        deadline = time.monotonic() + timeout
+        sent, answered = 0, False
         for chunk in chunks:
-            try:
-                answer += sock.recv(65536)
-                break  # the gateway answered before the whole body was sent
-            except BlockingIOError:
-                pass
-            try:
-                sock.sendall(chunk)
-            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            pending = memoryview(chunk)
+            while pending and not answered:
+                readable, writable, _ = select.select([sock], [sock], [], timeout)
+                if readable:  # the gateway answered (or closed) before the whole body was sent
+                    answered = True
+                elif not writable:
+                    pytest.fail(f"the gateway neither read nor answered for {timeout:.0f} s ({sent} bytes sent)")
+                else:
+                    try:
+                        written = sock.send(pending)
+                    except (BrokenPipeError, ConnectionResetError):
+                        answered = True
+                        break
+                    pending, sent = pending[written:], sent + written
+            if answered:
                 break
-            sent += len(chunk)
-        sock.setblocking(True)
-        while b"\r\n" not in answer and time.monotonic() < deadline:
-            data = sock.recv(65536)
+        answer = b""
+        while b"\r\n" not in answer:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                pytest.fail(f"no answer from the gateway within {timeout:.0f} s ({sent} bytes of the body sent)")
             if not data:
                 break
             answer += data
