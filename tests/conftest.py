@@ -71,6 +71,16 @@ def repository(tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.fixture(scope="session")
+def ct2_repository(tmp_path_factory) -> Path:
+    """A repository holding the synthetic whisper of `repository` converted by the export for the ctranslate2
+    engine (float32, CPU instance): converted once for the tests that serve that engine."""
+    repo = tmp_path_factory.mktemp("ct2_repository")
+    subprocess.run([sys.executable, "-m", "export", *EXPORT_ARGS["whisper"], "--engine", "ctranslate2",
+                    "--compute-type", "float32", "--repo", str(repo)], cwd=ROOT, check=True)
+    return repo
+
+
 @dataclass
 class Server:
     options: server.ServerOptions

@@ -11,8 +11,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import whisper
-from conftest import EXPORT_ARGS, ROOT, Server, serve
+from conftest import Server, serve
 
 from trident import Client, InvalidInputError, TridentError
 from trident.stats import ERRORS, Snapshot, scrape
@@ -196,15 +194,11 @@ def flac_silence(seconds: int) -> bytes:
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def tight(request, repository, tmp_path_factory):
+def tight(request, repository, ct2_repository, tmp_path_factory):
     """The exported whisper model under TIGHT parameters, on its own server, served by each engine (ctranslate2:
     the same synthetic weights converted by the export, float32)."""
     repo = tmp_path_factory.mktemp("tight_repository")
-    if request.param == "openai":
-        shutil.copytree(repository / "whisper", repo / "whisper")
-    else:
-        subprocess.run([sys.executable, "-m", "export", *EXPORT_ARGS["whisper"], "--engine", "ctranslate2",
-                        "--compute-type", "float32", "--repo", str(repo)], cwd=ROOT, check=True)
+    shutil.copytree((repository if request.param == "openai" else ct2_repository) / "whisper", repo / "whisper")
     config = repo / "whisper" / "config.pbtxt"
     text = config.read_text()
     for key, value in TIGHT.items():
