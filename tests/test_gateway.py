@@ -22,7 +22,6 @@ import pytest
 import uvicorn
 
 from tests.conftest import DATA, selected_models
-from trident import Client
 from trident_gateway import Settings, create_app, keys
 from trident_serving.server import free_port
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typing import IO
 
 import pytest
 
+from perf.scaleout import served_models
 from trident import Client, InvalidInputError, ServerError, ServerUnavailableError
 from trident_serving import supervisor
 from trident_serving.supervisor import STUB, Stub, StubWatch, find_stubs, parse_stub
@@ -178,19 +178,6 @@ CALLS = {
 FAMILY = {"yolov8": "yolo", "easyocr": "easyocr", "whisper": "whisper"}
 
 
-def without_warmup(models: list[Path], folder: Path) -> Path:
-    """The exported `models` (their files linked, not copied) in a repository `folder`, with configs stripped of
-    `model_warmup`: the reload is under test, not the warm-up, and CI pays for every load of this server."""
-    for model in models:
-        (folder / model.name).mkdir()
-        for item in model.iterdir():
-            if item.name != "config.pbtxt":
-                (folder / model.name / item.name).symlink_to(item)
-        config = re.sub(r"\nmodel_warmup \[.*?\n\]", "", (model / "config.pbtxt").read_text(), flags=re.S)
-        (folder / model.name / "config.pbtxt").write_text(config)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def recovery_server(request, repository, tmp_path_factory):
     """A server of its own (supervised, as the launcher always starts it) on the session's exported models, with
@@ -198,11 +185,14 @@ def recovery_server(request, repository, tmp_path_factory):
     whisper, so that a model whose stub was not killed is seen serving on it too."""
     from conftest import serve
 
-    exported = [m for m in repository.iterdir() if (m / "config.pbtxt").is_file()]
+    # the exported models, linked, with configs stripped of `model_warmup`: the reload is under test, not the
+    # warm-up, and CI pays for every load of this server
+    models = tmp_path_factory.mktemp("recovery_repository")
+    exported = tuple(m.name for m in repository.iterdir() if (m / "config.pbtxt").is_file())
     if request.param == "ctranslate2":
-        ct2_repository = request.getfixturevalue("ct2_repository")
-        exported = [m for m in exported if m.name in ("detect", "yolov8")] + [ct2_repository / "whisper"]
-    models = without_warmup(exported, tmp_path_factory.mktemp("recovery_repository"))
+        served_models(request.getfixturevalue("ct2_repository"), models, ("whisper",))
+        exported = tuple(m for m in exported if m in ("detect", "yolov8"))
+    served_models(repository, models, exported)
     with serve(models, tmp_path_factory.mktemp("recovery")) as started:
         yield started
 
@@ -251,7 +241,8 @@ VICTIMS = [*(pytest.param("openai", m, marks=getattr(pytest.mark, FAMILY[m]), id
            pytest.param("ctranslate2", "whisper", marks=pytest.mark.whisper, id="whisper-ctranslate2")]
 
 
-@pytest.mark.parametrize("recovery_server, victim", VICTIMS, indirect=["recovery_server"])
+# scope="module": at the default (function) scope pytest would start the module's server again for every victim
+@pytest.mark.parametrize("recovery_server, victim", VICTIMS, indirect=["recovery_server"], scope="module")
 def test_killed_stub_is_detected_reported_and_reloaded(recovery_server, victim, capsys, request):
     from conftest import selected_models
     from trident import cli

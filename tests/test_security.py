@@ -28,11 +28,11 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import trident.aio
+from perf.scaleout import served_models
 from trident import Client, DetectResult, ServerUnavailableError, TridentError, calls, cli
 from trident_gateway import Settings
 from trident_serving import server, supervisor
 from tests.test_gateway import Running
-from test_recovery import without_warmup
 from test_supervisor_liveness import echo_repository
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -228,7 +228,7 @@ def test_the_tls_port_refuses_plain_text_and_untrusted_servers_are_refused(tls, 
 def mutual(repository, tmp_path_factory, certs) -> Iterator[server.ServerOptions]:
     """A server asking every gRPC client for a certificate signed by the CA; `detect` and `yolov8` loaded."""
     # only these two in the repository: the gateway's /readyz asks every model
-    models = without_warmup([repository / "detect", repository / "yolov8"], tmp_path_factory.mktemp("mutual_models"))
+    models = served_models(repository, tmp_path_factory.mktemp("mutual_models"), ("detect", "yolov8"))
     encryption = server.GrpcTls(certs["server"], certs["server_key"], certs["ca"], mutual=True)
     with serving(tmp_path_factory.mktemp("mutual_run"), repository=models, grpc_tls=encryption,
                  load_models=("yolov8", "detect")) as options:

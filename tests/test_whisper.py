@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ import tritonclient.grpc as grpcclient
 import whisper
 from conftest import Server, serve
 
+from perf.scaleout import served_models
 from trident import Client, InvalidInputError, TridentError
 from trident.stats import ERRORS, Snapshot, scrape
 from trident_serving import metrics
@@ -194,11 +194,12 @@ def flac_silence(seconds: int) -> bytes:
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def tight(request, repository, ct2_repository, tmp_path_factory):
-    """The exported whisper model under TIGHT parameters, on its own server, served by each engine (ctranslate2:
-    the same synthetic weights converted by the export, float32)."""
-    repo = tmp_path_factory.mktemp("tight_repository")
-    shutil.copytree((repository if request.param == "openai" else ct2_repository) / "whisper", repo / "whisper")
+def tight(request, repository, tmp_path_factory):
+    """The exported whisper model under TIGHT parameters, without its warm-up (it only costs start time here), on
+    its own server, served by each engine (ctranslate2: the same synthetic weights converted by the export,
+    float32)."""
+    exported = repository if request.param == "openai" else request.getfixturevalue("ct2_repository")
+    repo = served_models(exported, tmp_path_factory.mktemp("tight_repository"), ("whisper",))
     config = repo / "whisper" / "config.pbtxt"
     text = config.read_text()
     for key, value in TIGHT.items():
@@ -207,7 +208,6 @@ def tight(request, repository, ct2_repository, tmp_path_factory):
         else:
             text, n = re.subn(rf'(key: "{key}" value {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
         assert n == 1, key
-    text = re.sub(r"\nmodel_warmup \[.*?\n\]", "", text, flags=re.S)  # warm-up only costs start time here
     config.write_text(text)
     with serve(repo, tmp_path_factory.mktemp("tight_run")) as started:
         yield started
