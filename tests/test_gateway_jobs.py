@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import sqlite3
 import subprocess
 import time
@@ -259,6 +260,41 @@ def test_oversize_upload_refused(gateway, http, owner_key, data_dir):
     both = http.post("/v1/analyze", params={"fps": 1, "scenes": "true", "filename": "a.mp4"}, content=b"x")
     assert both.status_code == 400 and "per scene" in both.json()["error"]["message"]
     assert set((data_dir / "jobs").iterdir()) == jobs_before  # nothing of the refused uploads is left
+
+
+def stalled(port: int, head: str, body: bytes, timeout: float = 30.0) -> tuple[bytes, float]:
+    """Send `head` and `body`, the start of a longer body, then nothing: the gateway's whole answer (read until it
+    closes the connection; more than `timeout` s of silence fails) and the seconds it took."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except TimeoutError:
+            pytest.fail(f"the gateway kept a stalled upload's connection for {timeout:.0f} s: {answer[:200]!r}")
+    return answer, time.monotonic() - start
+
+
+def test_stalled_upload_refused(triton, keys_file, owner_key, tmp_path):
+    """An upload that stops sending is answered 408 body_timeout once nothing came for the body timeout, its
+    connection closed and nothing of it kept: a raw video upload (spooled to disk) and a chunked audio one (read
+    into memory)."""
+    auth = f"Authorization: Bearer {owner_key}\r\n"
+    uploads = [(f"POST /v1/analyze?filename=clip.mp4 HTTP/1.1\r\nHost: gw\r\n{auth}Content-Length: 100000\r\n\r\n",
+                b"\0" * 4096),
+               (f"POST /v1/transcribe HTTP/1.1\r\nHost: gw\r\n{auth}Transfer-Encoding: chunked\r\n\r\n",
+                b"1000\r\n" + b"\0" * 2048)]  # half a chunk
+    with Running(Settings(triton=triton.grpc_url, keys_file=keys_file, data_dir=tmp_path, body_timeout=1.0)) as gw:
+        for head, body in uploads:
+            answer, took = stalled(gw.port, head, body)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"body_timeout"' in answer, answer[:300]
+            assert b"nothing came for 1 s after" in answer
+            assert 1.0 <= took < 15, took
+        assert not any((tmp_path / "jobs").iterdir())  # the stalled video's spool file and folder are gone
+        with client(gw.url, owner_key) as http:  # and the gateway serves on
+            assert http.get("/healthz").status_code == 200
 
 
 # -- restart, retention ------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
         settings.max_audio_bytes = int(args.max_audio_mb * MB)
     if args.timeout is not None:
         settings.timeout = args.timeout
+    if args.body_timeout is not None:
+        settings.body_timeout = args.body_timeout
     if args.data_dir is not None:
         settings.data_dir = args.data_dir
     if args.max_jobs is not None:
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-image-mb", type=float, help="body limit of /v1/detect and /v1/ocr (default 20)")
     serve.add_argument("--max-audio-mb", type=float, help="body limit of /v1/transcribe (default 100)")
     serve.add_argument("--timeout", type=float, help="seconds each Triton call may take (default 120)")
+    serve.add_argument("--body-timeout", type=float, help="seconds a request body may send nothing before it is "
+                       "refused with 408 (default 60; TRIDENT_GATEWAY_BODY_TIMEOUT)")
     serve.add_argument("--data-dir", type=Path, help="analysis jobs' uploads, results and SQLite state (default: "
                        "a temporary folder; TRIDENT_GATEWAY_DATA): give a persistent one in production")
     serve.add_argument("--max-jobs", type=int, help="analysis jobs run at once, the others queued (default 2)")

@@ -36,7 +36,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 ERRORS = {status: {"description": text} for status, text in {
     400: "invalid input (the model's message) or parameters", 401: "no API key", 403: "unknown or revoked key",
-    413: "body over the endpoint's limit", 502: "Triton failed", 503: "Triton unavailable or its queue full",
+    408: "the body stalled (nothing sent for --body-timeout)", 413: "body over the endpoint's limit", 502: "Triton failed", 503: "Triton unavailable or its queue full",
     504: "Triton timed out"}.items()}
 JOB_ERRORS = {404: {"description": "no such job (or another key's)"},
               409: {"description": "the job is not finished, or ended without a result"},
@@ -175,7 +175,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/detect", tags=["models"], **v1)
     async def detect(request: Request, query: Annotated[DetectOptions, Query()]) -> JSONResponse:
         """Objects in an image: `{"detections": [{"box": [x1, y1, x2, y2], "score", "class_id", "label"}]}`."""
-        data, fields = await read_upload(request, settings.max_image_bytes)
+        data, fields = await read_upload(request, settings.max_image_bytes, settings.body_timeout)
         options = _merge(DetectOptions, query, fields)
         result = await ask(request.app.state.client.detect(data, options.conf, options.iou))
         return answer(result.to_dict())
@@ -183,7 +183,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/transcribe", tags=["models"], **v1)
     async def transcribe(request: Request, query: Annotated[TranscribeOptions, Query()]) -> JSONResponse:
         """Speech in an audio file: `{"text", "language", "segments": [...]}`."""
-        data, fields = await read_upload(request, settings.max_audio_bytes)
+        data, fields = await read_upload(request, settings.max_audio_bytes, settings.body_timeout)
         options = _merge(TranscribeOptions, query, fields)
         temperature = options.temperature
         if temperature is not None and len(temperature) == 1:
@@ -195,7 +195,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/ocr", tags=["models"], **v1)
     async def ocr(request: Request) -> JSONResponse:
         """Text lines in an image, in reading order: `[{"box": [[x, y] x4], "text", "score"}]`."""
-        data, _ = await read_upload(request, settings.max_image_bytes)
+        data, _ = await read_upload(request, settings.max_image_bytes, settings.body_timeout)
         lines = await ask(request.app.state.client.read_text(data))
         return answer([line.to_dict() for line in lines])
 
@@ -218,7 +218,8 @@ def create_app(settings: Settings) -> FastAPI:
         on-screen text). Answers 202 with the job; follow `Location` (`GET /v1/jobs/{id}`)."""
         job_id, directory = jobs.new_directory()
         try:
-            upload, fields = await save_upload(request, directory, settings.max_video_bytes, query.filename)
+            upload, fields = await save_upload(request, directory, settings.max_video_bytes, query.filename,
+                                                  settings.body_timeout)
             options = _merge(AnalyzeOptions, query, fields)
         except BaseException:
             await jobs.discard(job_id)

@@ -43,6 +43,7 @@ class Settings:
     timeout: float = 120.0  # seconds, each Triton call
     max_image_bytes: int = 20 * MB  # /v1/detect and /v1/ocr request bodies
     max_audio_bytes: int = 100 * MB  # /v1/transcribe request bodies
+    body_timeout: float = 60.0  # seconds a request body may send nothing before it is refused (408)
     retry_after: int = 5  # seconds, the Retry-After of 503 answers
     ready_timeout: float = 5.0  # seconds, /readyz waits on Triton
     # gRPC TLS to Triton (PEM files; the client certificate for mutual TLS). /readyz reads Triton's repository
@@ -83,6 +84,7 @@ class Settings:
                    timeout=float(os.environ.get("TRIDENT_GATEWAY_TIMEOUT", cls.timeout)),
                    max_image_bytes=_env_mb("TRIDENT_GATEWAY_MAX_IMAGE_MB", 20),
                    max_audio_bytes=_env_mb("TRIDENT_GATEWAY_MAX_AUDIO_MB", 100),
+                   body_timeout=float(env("TRIDENT_GATEWAY_BODY_TIMEOUT", "") or cls.body_timeout),
                    jobs=env("TRIDENT_GATEWAY_JOBS", "1").lower() not in ("0", "false", "off", "no"), **_jobs_env())
 
     def client_options(self) -> dict:

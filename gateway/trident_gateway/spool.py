@@ -34,18 +34,19 @@ def media_name(name: str | None, content_type: str = "") -> str:
     return safe
 
 
-async def save_upload(request: Request, directory: Path, limit: int, filename: str | None) -> tuple[Path, Fields]:
+async def save_upload(request: Request, directory: Path, limit: int, filename: str | None,
+                      idle: float) -> tuple[Path, Fields]:
     """The uploaded file, written into `directory`, and the form's other fields (none for a raw body, named by
-    `filename` or its Content-Type). 413 as soon as the body passes `limit`; the caller removes `directory` on any
-    error."""
+    `filename` or its Content-Type). 413 as soon as the body passes `limit`, 408 when it stalls for `idle`
+    seconds; the caller removes `directory` on any error."""
     check_length(request, limit)
     content_type = request.headers.get("content-type", "")
     if content_type.lower().startswith("multipart/form-data"):
-        path, fields = await _save_multipart(request, directory, limit)
+        path, fields = await _save_multipart(request, directory, limit, idle)
     else:
         path, fields = directory / media_name(filename, content_type), {}
         with path.open("wb") as file:
-            async for chunk in limited(request, limit):
+            async for chunk in limited(request, limit, idle):
                 await asyncio.to_thread(file.write, chunk)
     if path.stat().st_size == 0:
         raise ApiError(400, "empty_body", "the upload is empty: send the file as the body or as multipart field "
@@ -53,8 +54,8 @@ async def save_upload(request: Request, directory: Path, limit: int, filename: s
     return path, fields
 
 
-async def _save_multipart(request: Request, directory: Path, limit: int) -> tuple[Path, Fields]:
-    parser = _ToDisk(request.headers, limited(request, limit), directory)
+async def _save_multipart(request: Request, directory: Path, limit: int, idle: float) -> tuple[Path, Fields]:
+    parser = _ToDisk(request.headers, limited(request, limit, idle), directory)
     try:
         form = await parser.parse()
     except MultiPartException as exc:

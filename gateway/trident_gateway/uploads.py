@@ -1,6 +1,7 @@
-"""Request bodies: a multipart upload (field `file`) or the raw body, read with a size limit."""
+"""Request bodies: a multipart upload (field `file`) or the raw body, read with a size limit and an idle timeout."""
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -27,11 +28,21 @@ def check_length(request: Request, limit: int) -> None:
         raise _too_large(limit)
 
 
-async def limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The body's chunks, refused (413) once more than `limit` bytes came (chunked uploads carry no length)."""
+async def limited(request: Request, limit: int, idle: float) -> AsyncIterator[bytes]:
+    """The body's chunks, refused (413) once more than `limit` bytes came (chunked uploads carry no length), and
+    (408) when the client sends nothing for `idle` seconds: a stalled upload must not hold its connection, memory
+    or spool file for ever (uvicorn itself waits on a body without limit)."""
     read = 0
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), idle)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise ApiError(408, "body_timeout", f"the request body stalled: nothing came for {idle:g} s "
+                                                    f"after {read} bytes") from None
             read += len(chunk)
             if read > limit:
                 raise _too_large(limit)
@@ -50,19 +61,19 @@ def form_fields(form: FormData) -> Fields:
     return fields
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, idle: float) -> bytes:
     """The whole body, refused with 413 from its Content-Length before reading, or as soon as the bytes read
-    pass `limit`."""
+    pass `limit`; 408 when it stalls for `idle` seconds."""
     check_length(request, limit)
     body = bytearray()
-    async for chunk in limited(request, limit):
+    async for chunk in limited(request, limit, idle):
         body += chunk
     return bytes(body)
 
 
-async def read_upload(request: Request, limit: int) -> tuple[bytes, Fields]:
+async def read_upload(request: Request, limit: int, idle: float) -> tuple[bytes, Fields]:
     """The uploaded file's bytes and the form's other fields (a multipart body), or the raw body and no fields."""
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, idle)
     if not body:
         raise ApiError(400, "empty_body", "the request body is empty: send the file as the body or as multipart "
                                           "field 'file'")
