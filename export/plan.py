@@ -45,18 +45,25 @@ def run(args: argparse.Namespace) -> None:
     models = args.models.split(",") if args.models else present_models(repo)
     if not models:
         raise SystemExit(f"plan: {repo} holds no models: run `python -m export ...` first")
-    costs = repository_costs(repo)
+    try:
+        costs = repository_costs(repo)
+    except planner.PlanError as exc:
+        raise SystemExit(f"plan: {repo}/export.json: {exc}") from None
     if args.measured:
         try:
             costs = planner.load_measured(args.measured, costs)
         except (OSError, ValueError) as exc:  # PlanError is a ValueError, and so is bad JSON
             raise SystemExit(f"plan: --measured {args.measured}: {exc}") from None
+        for line in costs.ignored:
+            print(line)
     costs = with_max_batches(costs, args.max_batch)
     try:
         plan = planner.make_plan(costs, card, models, headroom, args.gpus, args.max_instances)
     except planner.PlanError as exc:
         raise SystemExit(f"plan: cannot fit {', '.join(models)} on {args.gpus} x {args.gpu_memory}: {exc}") from None
     print(f"costs: {costs.source}")
+    if "whisper" in models:
+        print(f"whisper engine: {costs.models['whisper'].variant}")
     print(plan.table())
     print("server flags: " + " ".join(plan.rate_limit_flags()))
     if args.dry_run:
@@ -76,10 +83,22 @@ def present_models(repo: Path) -> list[str]:
     return [name for name in known if (repo / name / "config.pbtxt").is_file()]
 
 
+def exported_models(repo: Path) -> dict:
+    """What `python -m export` recorded of the repository's models (export.json), {} before any export."""
+    path = repo / "export.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def whisper_variant(repo: Path) -> str:
+    """The engine and compute type the repository's whisper was exported with (planner.whisper_variant)."""
+    exported = exported_models(repo).get("whisper", {})
+    return planner.whisper_variant(exported.get("engine", "openai"), exported.get("compute_type"))
+
+
 def repository_costs(repo: Path) -> planner.Costs:
-    """Default costs for the sizes `repo` was exported with (export.json), else whisper small / yolov8n / ko,en."""
-    manifest_path = repo / "export.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    """Default costs for the sizes and whisper engine `repo` was exported with (export.json), else whisper small
+    (openai engine) / yolov8n / ko,en."""
+    manifest = exported_models(repo)
     whisper_size = manifest.get("whisper", {}).get("size", "small")
     if whisper_size not in planner.WHISPER_DIMS:  # "custom": a checkpoint of no official size
         print("whisper was exported with dimensions of no official size: small's estimates stand in for it "
@@ -88,7 +107,9 @@ def repository_costs(repo: Path) -> planner.Costs:
     yolo_size = manifest.get("yolov8", {}).get("size", "n")
     lang = manifest.get("easyocr", {}).get("lang", "ko,en")
     lang = ",".join(lang) if isinstance(lang, list) else lang
-    return planner.default_costs(whisper_size, yolo_size, lang if lang in planner.RECOGNIZER_PARAMS else "ko,en")
+    engine, compute_type = whisper_variant(repo).split()
+    return planner.default_costs(whisper_size, yolo_size, lang if lang in planner.RECOGNIZER_PARAMS else "ko,en",
+                                 engine, compute_type)
 
 
 def with_max_batches(costs: planner.Costs, overrides: list[str]) -> planner.Costs:

@@ -11,6 +11,10 @@ JSON in the planner's `--measured` format:
                   NVML's growth from batch 1 to the largest batch (whisper's thread, onnxruntime's yolov8)
     context     = the stub's NVML memory less PyTorch's reserved pool (median of those stubs for the others)
 
+whisper's entry also records the engine and compute type it was measured on (`variant`): the planner uses it
+only for a repository whose whisper runs the same. On the ctranslate2 engine PyTorch sees none of CTranslate2's
+memory: its weights and pools count in the context, and the sum is what NVML saw.
+
     python -m perf.memory --repo model_repository --out perf/results/memory.json
     python -m export plan --gpu-memory 80GiB --measured perf/results/memory.json
 
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.plan import replace_block
+from export.plan import replace_block, whisper_variant
 from trident_serving import gpu, plan as planner, server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +141,8 @@ def measure(repo: Path, model: str, work: Path) -> dict:
         nvml = (loaded.get(stub, 0.0), single.get(stub, 0.0), warm[stub])
         results[name] = entry(nvml, counters[stub], batch, context)
         results[name]["server_mib"] = round(loaded.get(pid, 0.0), 1)
+    if "whisper" in results:  # the plan uses it only for a repository serving the same engine
+        results["whisper"]["variant"] = whisper_variant(repo)
     return results
 
 

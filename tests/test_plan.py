@@ -216,3 +216,56 @@ def test_shipped_defaults_print_the_table(capsys):
     assert sum(line.endswith("estimate") for line in out.splitlines()) == 4 and "(server)    0" in out
     assert "GPU 0: 81,920 MiB card" in out and "--rate-limit=execution_count" in out
     assert {p: p.read_text() for p in DEFAULT_REPO.glob("*/config.pbtxt")} == before
+
+
+def test_whisper_costs_follow_the_engine_and_compute_type():
+    openai = planner.whisper_cost("small")
+    ct2 = {t: planner.whisper_cost("small", engine="ctranslate2", compute_type=t) for t in planner.CT2_BYTES}
+    params = planner.whisper_params("small")
+    assert ct2["float16"].weights_mib == pytest.approx(2 * params / planner.MIB)
+    assert ct2["float32"].weights_mib == 2 * ct2["float16"].weights_mib
+    assert ct2["int8_float16"].weights_mib == ct2["int8"].weights_mib == ct2["float16"].weights_mib / 2
+    # int8 alone computes in float32: int8 weights, float32 activations
+    assert ct2["int8"].activation_per_item_mib > ct2["int8_float16"].activation_per_item_mib
+    assert ct2["int8_float16"].activation_per_item_mib > openai.activation_per_item_mib  # float32 windows
+    assert all(c.context_mib == planner.STUB_CONTEXT_MIB + planner.CT2_RUNTIME_MIB for c in ct2.values())
+    assert planner.whisper_cost("small", engine="ctranslate2").variant == "ctranslate2 float16"  # the GPU default
+    assert openai.variant == "openai float16" and openai.context_mib == planner.STUB_CONTEXT_MIB
+    with pytest.raises(planner.PlanError, match="compute type 'int4' has no costs: use one of float16"):
+        planner.whisper_cost("small", engine="ctranslate2", compute_type="int4")
+
+
+def engine_repository(tmp_path: Path, compute_type: str) -> Path:
+    """The committed whisper config in a repository whose export.json says the ctranslate2 engine served it."""
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_REPO / "whisper", repo / "whisper", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "export.json").write_text(json.dumps({"whisper": {"size": "base", "kind": "gpu", "engine": "ctranslate2",
+                                                              "compute_type": compute_type}}))
+    return repo
+
+
+def test_repository_on_the_ctranslate2_engine_is_planned_with_its_costs(tmp_path, capsys):
+    repo = engine_repository(tmp_path, "int8_float16")
+    assert export_main.main(["plan", "--repo", str(repo), "--gpu-memory", "16GB", "--dry-run"]) == 0
+    expected = planner.whisper_cost("base", engine="ctranslate2", compute_type="int8_float16").instance_mib(16)
+    assert expected != planner.whisper_cost("base").instance_mib(16)
+    out = capsys.readouterr().out
+    assert "whisper engine: ctranslate2 int8_float16" in out
+    assert f"{expected:,.0f}" in out
+
+
+@pytest.mark.parametrize("variant, used", [("ctranslate2 int8_float16", True), ("openai float16", False), (None, True)])
+def test_a_whisper_measurement_is_used_for_its_own_engine_only(tmp_path, capsys, variant, used):
+    repo = engine_repository(tmp_path, "int8_float16")
+    recorded = json.loads(json.dumps(RECORDED))
+    if variant:
+        recorded["models"]["whisper"]["variant"] = variant  # perf.memory records it; older files lack it
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps(recorded))
+    assert export_main.main(["plan", "--repo", str(repo), "--gpu-memory", "16GB", "--dry-run", "--measured",
+                             str(measured), "--models", "whisper"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["whisper", "0"])
+    assert row.endswith("measured" if used else "estimate")
+    assert ("measured openai float16, the repository serves ctranslate2 int8_float16: its estimates are used"
+            in out) is not used

@@ -10,8 +10,10 @@ model's `min_batch`, when it does not fit), then adds instances while they fit, 
 model and card. It refuses with a `PlanError` naming the shortfall when even that does not fit.
 
 Defaults (`default_costs`) are documented values: the CUDA contexts were measured on an H200 (server 584 MiB,
-each Python stub with torch + CUDA 526 MiB before model data); weights follow from exact parameter counts;
-activations are *estimates* until `python -m perf.memory` measures them on a GPU (`--measured` file).
+each Python stub with torch + CUDA 526 MiB before model data); weights follow from exact parameter counts (and,
+for whisper, from the engine and compute type it was exported with); activations are *estimates* until
+`python -m perf.memory` measures them on a GPU (`--measured` file). A measurement holds for the engine it was
+made on: a whisper entry measured on another engine (or compute type) than the repository's is not used.
 """
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ WHISPER_DIMS = {  # n_mels, n_audio_ctx, n_audio_state, n_audio_head, n_audio_la
 YOLO_PARAMS = {"n": 3_157_200, "s": 11_166_560, "m": 25_902_640, "l": 43_691_520, "x": 68_229_648}
 CRAFT_PARAMS = 20_770_466
 RECOGNIZER_PARAMS = {"ko,en": 4_015_729, "en": 3_781_345}  # korean_g2 / english_g2 (EasyOCR gen2)
+# Whisper's ctranslate2 engine (`export whisper --engine ctranslate2`): bytes per weight and per activation
+# value at each compute type (the int8 types store int8 weights with a float32 scale per row, and compute in the
+# second type: int8 alone is int8 x float32), and what CTranslate2's CUDA runtime (cuBLAS, cuDNN handles and
+# workspaces) adds to the stub's context: an estimate until a GPU measures it.
+CT2_BYTES = {"float16": (2, 2), "bfloat16": (2, 2), "float32": (4, 4), "int8_float16": (1, 2),
+             "int8_bfloat16": (1, 2), "int8_float32": (1, 4), "int8": (1, 4)}
+CT2_RUNTIME_MIB = 128.0
 
 
 class PlanError(ValueError):
@@ -63,6 +72,7 @@ class ModelCost:
     batch_parameter: str = ""  # config parameter that holds the batch instead of max_batch_size ("" = none)
     measured: bool = False
     note: str = ""
+    variant: str = ""  # what the costs depend on beyond the model's name (whisper: "engine compute_type")
 
     def activation_mib(self, batch: int) -> float:
         return self.activation_base_mib + self.activation_per_item_mib * batch
@@ -82,6 +92,7 @@ class Costs:
     models: dict[str, ModelCost]
     server_mib: float = SERVER_MIB
     source: str = ""
+    ignored: tuple[str, ...] = ()  # measurements not used, and why
 
 
 def whisper_params(size: str) -> int:
@@ -92,19 +103,44 @@ def whisper_params(size: str) -> int:
     return encoder + decoder
 
 
-def whisper_cost(size: str, max_batch: int = 16) -> ModelCost:
-    """fp16 weights (the decoder's positional embedding and the encoder's sinusoids stay fp32); activations per
-    30 s window estimated as the decoder's key/value cache plus the encoder's widest layer, in fp16."""
+def whisper_variant(engine: str = "openai", compute_type: Optional[str] = None) -> str:
+    """What whisper's GPU costs depend on, as "engine compute_type"; PlanError for one without costs."""
+    if engine == "openai":
+        return "openai float16"
+    if engine != "ctranslate2":
+        raise PlanError(f"whisper's engine {engine!r} has no costs: use openai or ctranslate2")
+    compute_type = compute_type or "float16"  # the export's default on a GPU
+    if compute_type not in CT2_BYTES:
+        raise PlanError(f"whisper's ctranslate2 compute type {compute_type!r} has no costs: "
+                        f"use one of {', '.join(CT2_BYTES)}")
+    return f"ctranslate2 {compute_type}"
+
+
+def whisper_cost(size: str, max_batch: int = 16, engine: str = "openai", compute_type: Optional[str] = None) \
+        -> ModelCost:
+    """One whisper instance on a GPU. openai engine: fp16 weights (the decoder's positional embedding and the
+    encoder's sinusoids stay fp32), fp16 activations and windows. ctranslate2 engine: weights and activations at
+    the bytes of `compute_type` (default float16, as the export's), float32 windows, plus CTranslate2's CUDA
+    runtime in the context. Activations per 30 s window are estimated as the decoder's key/value cache plus the
+    encoder's widest layer."""
     n_mels, n_audio_ctx, da, _, _, _, n_text_ctx, dt, _, lt = WHISPER_DIMS[size]
-    weights = (2 * whisper_params(size) + 2 * n_text_ctx * dt + 4 * n_audio_ctx * da) / MIB
-    kv_cache = lt * 2 * (n_text_ctx + n_audio_ctx) * dt * 2
-    encoder = n_audio_ctx * 4 * da * 2 * 2 + n_mels * 3000 * 2
+    variant = whisper_variant(engine, compute_type)
+    if engine == "ctranslate2":
+        weight_bytes, value_bytes = CT2_BYTES[variant.split()[1]]
+        weights = weight_bytes * whisper_params(size) / MIB
+        window_bytes, context = 4, STUB_CONTEXT_MIB + CT2_RUNTIME_MIB
+    else:
+        weights = (2 * whisper_params(size) + 2 * n_text_ctx * dt + 4 * n_audio_ctx * da) / MIB
+        value_bytes, window_bytes, context = 2, 2, STUB_CONTEXT_MIB
+    kv_cache = lt * 2 * (n_text_ctx + n_audio_ctx) * dt * value_bytes
+    encoder = n_audio_ctx * 4 * da * 2 * value_bytes + n_mels * 3000 * window_bytes
     return ModelCost("whisper", weights, 128.0, (kv_cache + encoder) / MIB, max_batch, min_batch=min(4, max_batch),
-                     batch_parameter="max_windows_per_step",
-                     note=f"whisper-{size}; activations estimated (kv cache + encoder, fp16)")
+                     context_mib=context, batch_parameter="max_windows_per_step", variant=variant,
+                     note=f"whisper-{size} ({variant}); activations estimated (kv cache + encoder)")
 
 
-def default_costs(whisper_size: str = "small", yolo_size: str = "n", ocr_lang: str = "ko,en") -> Costs:
+def default_costs(whisper_size: str = "small", yolo_size: str = "n", ocr_lang: str = "ko,en",
+                  whisper_engine: str = "openai", whisper_compute_type: Optional[str] = None) -> Costs:
     """Documented defaults: contexts measured on an H200, weights exact, activations estimated."""
     yolo_weights = 4 * YOLO_PARAMS[yolo_size] / MIB  # fp32 ONNX (python / onnxruntime flavours)
     yolo_scale = {"n": 1.0, "s": 2.0, "m": 3.0, "l": 4.0, "x": 5.0}[yolo_size]
@@ -122,7 +158,7 @@ def default_costs(whisper_size: str = "small", yolo_size: str = "n", ocr_lang: s
                   min_batch=2, rate_limited=True,
                   note=f"CRAFT + {'korean' if 'ko' in ocr_lang else 'english'}_g2; activations estimated for "
                        "1280x736 pages (larger pages cost more)"),
-        whisper_cost(whisper_size),
+        whisper_cost(whisper_size, engine=whisper_engine, compute_type=whisper_compute_type),
     ]
     return Costs({m.name: m for m in models}, SERVER_MIB,
                  f"defaults: contexts measured on {MEASURED_ON}; weights from parameter counts; "
@@ -133,6 +169,7 @@ def load_measured(path: Path | str, defaults: Costs) -> Costs:
     """Costs from a `python -m perf.memory` file; models it does not name keep their defaults."""
     data = json.loads(Path(path).read_text())
     models = dict(defaults.models)
+    ignored = []
     for name, entry in data.get("models", {}).items():
         base = models.get(name)
         fields = {k: entry[k] for k in ("weights_mib", "activation_base_mib", "activation_per_item_mib",
@@ -143,10 +180,13 @@ def load_measured(path: Path | str, defaults: Costs) -> Costs:
                 raise PlanError(f"{path}: model {name!r} lacks {sorted(missing)} (and has no default costs)")
             models[name] = ModelCost(name=name, measured=True, note=entry.get("note", "measured"),
                                      **{"activation_base_mib": 0.0, **fields})
+        elif entry.get("variant", base.variant) != base.variant:  # measured on another engine: not this one's
+            ignored.append(f"{name}: {path} measured {entry['variant']}, the repository serves {base.variant}: "
+                           f"its estimates are used")
         else:
             models[name] = replace(base, measured=True, note=entry.get("note", "measured"), **fields)
     return Costs(models, float(data.get("server_mib", defaults.server_mib)),
-                 f"measured: {data.get('machine', path)}")
+                 f"measured: {data.get('machine', path)}", tuple(ignored))
 
 
 @dataclass
