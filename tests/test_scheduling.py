@@ -72,6 +72,29 @@ def test_short_job_finishes_after_a_bounded_number_of_steps(model):
     assert all(job.seek > 0 for job in longs)
 
 
+def test_windows_split_among_ctranslate2_replicas_decode_as_one_call():
+    """A step's windows split among three CPU replicas (parts of 2, 1 and 2 rows, each with its own prompts: the
+    languages differ) give what one worker decoding them in one call gives."""
+    checkpoint = ctranslate2_model(synthetic_checkpoint("tiny", seed=0))
+    results = []
+    for replicas in (1, 3):
+        scheduler = scheduler_for(CTranslate2Whisper(checkpoint, compute_type="float32", replicas=replicas))
+        assert scheduler.model.replicas == replicas
+        jobs = [scheduler.add(noise(40, seed), ASROptions(language=("en", "ko")[seed % 2], temperatures=(0.0,),
+                                                           sample_len=8)) for seed in range(5)]
+        scheduler.step()
+        assert scheduler.stats.last_step_windows == 5
+        run_to_end(scheduler)
+        results.append([scheduler.result(job)["segments"] for job in jobs])
+    exact = ("seek", "start", "end", "text", "tokens", "temperature")
+    assert [[{k: s[k] for k in exact} for s in job] for job in results[0]] == \
+        [[{k: s[k] for k in exact} for s in job] for job in results[1]]
+    # the scores are float sums over rows of other lengths: equal to float32 rounding
+    scores = [[[s[k] for k in ("avg_logprob", "no_speech_prob", "compression_ratio")] for s in job] for job in results[1]]
+    np.testing.assert_allclose(scores, [[[s[k] for k in ("avg_logprob", "no_speech_prob", "compression_ratio")]
+                                         for s in job] for job in results[0]], rtol=1e-5, atol=1e-6)
+
+
 def test_one_window_per_step_is_no_batching(model):
     scheduler = scheduler_for(model, max_windows=1)
     jobs = [scheduler.add(noise(3, seed), FAST) for seed in range(3)]

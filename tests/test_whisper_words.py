@@ -220,7 +220,7 @@ def test_ctranslate2_engine_words_equal_faster_whisper(faster_whisper_words):
     from export.whisper import offline_base_dir
     from trident_serving.asr_ct2 import CTranslate2Whisper, scheduler_for
 
-    scheduler = scheduler_for(CTranslate2Whisper(offline_base_dir(), compute_type="float32", threads=2))
+    scheduler = scheduler_for(CTranslate2Whisper(offline_base_dir(), compute_type="float32", replicas=1, threads=2))
     for name, audio in real_clips().items():
         job = scheduler.add(audio, ASROptions(language=language_of(name) if name in TRUTH else None,
                                               temperatures=(0.0,), word_timestamps=True))

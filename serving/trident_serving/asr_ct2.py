@@ -21,9 +21,11 @@ Semantic choices, each as openai-whisper's (so that both engines answer alike):
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,16 +49,26 @@ class Dims:
 
 
 class CTranslate2Whisper:
-    """A CTranslate2 Whisper model with the attributes the Scheduler reads of an openai-whisper `Whisper`."""
+    """A CTranslate2 Whisper model with the attributes the Scheduler reads of an openai-whisper `Whisper`.
+
+    On a CPU it holds `replicas` workers of `threads` threads each (replicas 0: one per core this process may
+    use, one thread each), sharing the weights, and the Scheduler splits each step's windows among them: two cores
+    do more with two one-thread calls at once than with one call of two threads (CTranslate2 leaves a core idle
+    in its serial parts; measured on this project's 2-core machine, 8 windows of Whisper base at int8: encoder
+    3.21 s against 2.61 s, greedy decoding 1.02 s against 0.47 s). On a GPU: one worker."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", compute_type: str = "default",
-                 threads: int = 0):
+                 replicas: int = 0, threads: int = 1):
         import ctranslate2
 
         self.device = torch.device(device)
         index = self.device.index or 0
+        self.replicas = (replicas or len(os.sched_getaffinity(0))) if self.device.type == "cpu" else 1
         self.ct2 = ctranslate2.models.Whisper(str(model_dir), device=self.device.type, device_index=index,
-                                              compute_type=compute_type, intra_threads=threads)
+                                              compute_type=compute_type, inter_threads=self.replicas,
+                                              intra_threads=threads if self.device.type == "cpu" else 0)
+        # the threads that call the replicas at once (CTranslate2 releases the GIL while it computes)
+        self.callers = ThreadPoolExecutor(self.replicas, "ctranslate2") if self.replicas > 1 else None
         self.dims = Dims(self.ct2.n_mels)
         self.is_multilingual = self.ct2.is_multilingual
         self.num_languages = self.ct2.num_languages
@@ -73,8 +85,21 @@ class CTranslate2Scheduler(Scheduler):
     def aligner(self) -> Any:
         return AlignedByCTranslate2(self.model)
 
+    def spread(self, call: Callable[..., Any], rows: torch.Tensor, *per_row: Sequence) -> List[Any]:
+        """`call(rows, *per_row)` on the model's replicas at once, the rows split into as many contiguous parts:
+        the parts' results, in order."""
+        parts = min(self.model.replicas, len(rows))
+        if parts <= 1:
+            return [call(rows, *per_row)]
+        bounds = np.linspace(0, len(rows), parts + 1).round().astype(int)
+        pieces = [(rows[a:b], *(values[a:b] for values in per_row)) for a, b in zip(bounds[:-1], bounds[1:])]
+        return list(self.model.callers.map(lambda piece: call(*piece), pieces))
+
     def encode(self, mels: torch.Tensor) -> torch.Tensor:
-        output = self.model.ct2.encode(storage(mels.to(self.model.device, torch.float32)))
+        return torch.cat(self.spread(self.encode_part, mels.to(self.model.device, torch.float32)))
+
+    def encode_part(self, mels: torch.Tensor) -> torch.Tensor:
+        output = self.model.ct2.encode(storage(mels))
         # Copies, owned by torch: the StorageView's memory is CTranslate2's.
         if output.device == "cuda":
             return torch.as_tensor(output, device=self.model.device).clone()
@@ -93,13 +118,17 @@ class CTranslate2Scheduler(Scheduler):
         # whisper's DecodingTask._get_suppress_tokens for its default suppress_tokens="-1"
         suppress = sorted({*tokenizer.non_speech_tokens, tokenizer.transcribe, tokenizer.translate, tokenizer.sot,
                            tokenizer.sot_prev, tokenizer.sot_lm, tokenizer.no_speech})
-        results = self.model.ct2.generate(
-            storage(features), sot_sequences, beam_size=1,
-            max_length=len(sot_sequences[0]) + (sample_len or SAMPLE_LEN),
-            return_scores=True, return_no_speech_prob=True, suppress_blank=True, suppress_tokens=suppress,
-            max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
-            # temperature 0: greedy; otherwise sampling from the whole distribution, as whisper does
-            sampling_topk=1 if temperature == 0 else 0, sampling_temperature=temperature or 1.0)
+
+        def generate(rows: torch.Tensor, prompts: Sequence[List[int]]) -> List[Any]:
+            return self.model.ct2.generate(
+                storage(rows), list(prompts), beam_size=1,
+                max_length=len(sot_sequences[0]) + (sample_len or SAMPLE_LEN),
+                return_scores=True, return_no_speech_prob=True, suppress_blank=True, suppress_tokens=suppress,
+                max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
+                # temperature 0: greedy; otherwise sampling from the whole distribution, as whisper does
+                sampling_topk=1 if temperature == 0 else 0, sampling_temperature=temperature or 1.0)
+
+        results = [result for part in self.spread(generate, features, sot_sequences) for result in part]
         decoded = []
         for (language, _), tokenizer, result in zip(prompts, tokenizers, results):
             tokens = list(result.sequences_ids[0])

@@ -39,7 +39,11 @@ class TritonPythonModel:
         self.max_audio_seconds = options.max_audio_seconds
         device = triton.device(args)
         if engine == "ctranslate2":  # `checkpoint` is the CTranslate2 model folder
-            model = CTranslate2Whisper(checkpoint, device, compute_type=parameters.get("compute_type", "default"))
+            replicas = parameters.get("replicas", "") or "0"
+            if not replicas.isdigit():
+                raise ValueError(f"whisper parameter replicas must be a whole number (0: one per core), got {replicas!r}")
+            model = CTranslate2Whisper(checkpoint, device, compute_type=parameters.get("compute_type", "default"),
+                                       replicas=int(replicas))
         else:
             model = load_model(checkpoint)  # with the alignment heads the checkpoint carries (word timestamps)
             if device != "cpu":  # fp16 weights, cast once on the CPU: whisper's casts' numbers, half the memory
