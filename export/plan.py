@@ -107,9 +107,9 @@ def repository_costs(repo: Path) -> planner.Costs:
     yolo_size = manifest.get("yolov8", {}).get("size", "n")
     lang = manifest.get("easyocr", {}).get("lang", "ko,en")
     lang = ",".join(lang) if isinstance(lang, list) else lang
-    engine, compute_type = whisper_variant(repo).split()
+    whisper = manifest.get("whisper", {})
     return planner.default_costs(whisper_size, yolo_size, lang if lang in planner.RECOGNIZER_PARAMS else "ko,en",
-                                 engine, compute_type)
+                                 whisper.get("engine", "openai"), whisper.get("compute_type"))
 
 
 def with_max_batches(costs: planner.Costs, overrides: list[str]) -> planner.Costs:

@@ -36,8 +36,8 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 ERRORS = {status: {"description": text} for status, text in {
     400: "invalid input (the model's message) or parameters", 401: "no API key", 403: "unknown or revoked key",
-    408: "the body stalled (nothing sent for --body-timeout)", 413: "body over the endpoint's limit", 502: "Triton failed", 503: "Triton unavailable or its queue full",
-    504: "Triton timed out"}.items()}
+    408: "the body stalled (nothing sent for --body-timeout)", 413: "body over the endpoint's limit",
+    502: "Triton failed", 503: "Triton unavailable or its queue full", 504: "Triton timed out"}.items()}
 JOB_ERRORS = {404: {"description": "no such job (or another key's)"},
               409: {"description": "the job is not finished, or ended without a result"},
               410: {"description": "the job's files were removed (retention)"}}
